@@ -229,5 +229,7 @@ def load_datalist(
             for k in PATH_KEYS:
                 for p in _paths_of(it.get(k)):
                     if not os.path.exists(p):
-                        raise InputDataError(f"file {p!r} (key {k!r}, item {i}, section {section!r}) does not exist", path)
+                        raise InputDataError(
+                            f"file {p!r} (key {k!r}, item {i}, section {section!r}) does not exist", path
+                        )
     return items
