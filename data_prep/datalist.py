@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: item keys whose values are file paths (made relative on writing, checked on loading)
-PATH_KEYS = ("image", "label", "mask", "brain_mask", "images", "views")
+PATH_KEYS = ("image", "label", "mask", "brain_mask", "neg_mask", "images", "views")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
