@@ -1,0 +1,113 @@
+"""MONAI-style transforms for diffusion-model pipelines on 3D medical volumes and their 2D slices.
+
+Array transforms take channel-first tensors (usually MetaTensors from ``LoadImage`` +
+``EnsureChannelFirst``); every ``Foo`` has a dictionary version ``Food`` (aliases ``FooD``, ``FooDict``).
+Problems with input files raise :class:`InputDataError`, whose message names the file.
+"""
+
+from transforms.errors import InputDataError, source_name
+from transforms.intensity import (
+    MaskedZScore,
+    MaskedZScoreD,
+    MaskedZScored,
+    MaskedZScoreDict,
+    PercentileScaleIntensity,
+    PercentileScaleIntensityD,
+    PercentileScaleIntensityd,
+    PercentileScaleIntensityDict,
+    quantiles,
+)
+from transforms.mask import (
+    ForegroundMask,
+    ForegroundMaskD,
+    ForegroundMaskd,
+    ForegroundMaskDict,
+    largest_component,
+    otsu_threshold,
+)
+from transforms.pipeline import (
+    InputCheckedCompose,
+    LoadVolumeD,
+    LoadVolumed,
+    LoadVolumeDict,
+    find_input_error,
+    volume_loading_transforms,
+)
+from transforms.slicing import (
+    SLICE_META_KEYS,
+    SlicesToVolume,
+    SlicesToVolumeD,
+    SlicesToVolumed,
+    SlicesToVolumeDict,
+    VolumeToSlices,
+    VolumeToSlicesD,
+    VolumeToSlicesd,
+    VolumeToSlicesDict,
+    foreground_fraction,
+    slice_affine_2d,
+    slice_affine_3d,
+)
+from transforms.validate import (
+    CheckImage,
+    CheckImageD,
+    CheckImaged,
+    CheckImageDict,
+    CheckMaskMatches,
+    CheckMaskMatchesD,
+    CheckMaskMatchesd,
+    CheckMaskMatchesDict,
+    check_finite,
+    count_nonfinite,
+    image_name,
+    prepare_mask,
+)
+
+__all__ = [
+    "SLICE_META_KEYS",
+    "CheckImage",
+    "CheckImageD",
+    "CheckImageDict",
+    "CheckImaged",
+    "CheckMaskMatches",
+    "CheckMaskMatchesD",
+    "CheckMaskMatchesDict",
+    "CheckMaskMatchesd",
+    "ForegroundMask",
+    "ForegroundMaskD",
+    "ForegroundMaskDict",
+    "ForegroundMaskd",
+    "InputCheckedCompose",
+    "InputDataError",
+    "LoadVolumeD",
+    "LoadVolumeDict",
+    "LoadVolumed",
+    "MaskedZScore",
+    "MaskedZScoreD",
+    "MaskedZScoreDict",
+    "MaskedZScored",
+    "PercentileScaleIntensity",
+    "PercentileScaleIntensityD",
+    "PercentileScaleIntensityDict",
+    "PercentileScaleIntensityd",
+    "SlicesToVolume",
+    "SlicesToVolumeD",
+    "SlicesToVolumeDict",
+    "SlicesToVolumed",
+    "VolumeToSlices",
+    "VolumeToSlicesD",
+    "VolumeToSlicesDict",
+    "VolumeToSlicesd",
+    "check_finite",
+    "count_nonfinite",
+    "find_input_error",
+    "foreground_fraction",
+    "image_name",
+    "largest_component",
+    "otsu_threshold",
+    "prepare_mask",
+    "quantiles",
+    "slice_affine_2d",
+    "slice_affine_3d",
+    "source_name",
+    "volume_loading_transforms",
+]

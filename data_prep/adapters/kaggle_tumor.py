@@ -20,7 +20,8 @@ from transforms.errors import InputDataError
 __all__ = ["ADAPTER", "BINARY_LABELS", "MULTICLASS_LABELS", "kaggle_tumor"]
 
 #: class index order of ``classification_multiclass.json`` (fixed: 0 is the healthy class)
-MULTICLASS_LABELS = ("notumor", "glioma", "meningioma", "pituitary")
+# "healthy" (not the folder name "notumor"), so class names match the demo cohort's datalists
+MULTICLASS_LABELS = ("healthy", "glioma", "meningioma", "pituitary")
 #: class index order of ``classification_binary.json``
 BINARY_LABELS = ("healthy", "tumour")
 
@@ -32,7 +33,7 @@ def _class_of(folder_name: str) -> str | None:
     n = folder_name.strip().lower().replace(" ", "_").replace("-", "_")
     n = n.removesuffix("_tumor").removesuffix("_tumour")
     if n in ("no", "notumor", "notumour", "no_tumor", "no_tumour", "healthy", "normal"):
-        return "notumor"
+        return "healthy"
     return n if n in MULTICLASS_LABELS else None
 
 
@@ -77,7 +78,7 @@ def kaggle_tumor(
 
     Class indices (fixed):
 
-    - multiclass: 0 ``notumor`` (healthy), 1 ``glioma``, 2 ``meningioma``, 3 ``pituitary``;
+    - multiclass: 0 ``healthy`` (folder ``notumor``), 1 ``glioma``, 2 ``meningioma``, 3 ``pituitary``;
     - binary: 0 ``healthy`` (``notumor``), 1 ``tumour`` (the three tumour classes).
 
     The dataset has no subject IDs, so every image is its own subject (``kaggle-<part>-<class>-<stem>``).
@@ -126,7 +127,7 @@ def kaggle_tumor(
         }
 
     multi = {c: c for c in MULTICLASS_LABELS}
-    binary = {c: BINARY_LABELS[0] if c == "notumor" else BINARY_LABELS[1] for c in MULTICLASS_LABELS}
+    binary = {c: BINARY_LABELS[0] if c == "healthy" else BINARY_LABELS[1] for c in MULTICLASS_LABELS}
     note = " Each image is its own subject; the public set contains near-duplicate images across folders."
     return [
         write_sections(

@@ -317,13 +317,13 @@ def _kaggle_root(root: Path, n_train: int = 10, n_test: int = 2) -> Path:
 def test_kaggle_tumor(tmp_path):
     root = _kaggle_root(tmp_path / "kaggle")
     binary, multi = kaggle_tumor(root, tmp_path / "out", seed=0, val_frac=0.1)
-    assert json.loads(multi.read_text())["labels"] == ["notumor", "glioma", "meningioma", "pituitary"]
+    assert json.loads(multi.read_text())["labels"] == ["healthy", "glioma", "meningioma", "pituitary"]
     assert json.loads(binary.read_text())["labels"] == ["healthy", "tumour"]
     m, b = _check(multi), _check(binary)
     assert _counts(m) == (36, 4, 8)
     for sec in SECTIONS:
         assert _subjects(m[sec]) == _subjects(b[sec])  # both files share one split
-    assert {it["class_name"] for it in m["validation"]} == {"notumor", "glioma", "meningioma", "pituitary"}
+    assert {it["class_name"] for it in m["validation"]} == {"healthy", "glioma", "meningioma", "pituitary"}
     assert all("/Testing/" in it["image"] for it in m["test"])
     assert not any("/Testing/" in it["image"] for it in m["training"] + m["validation"])
     expected = {"glioma": (1, 1), "meningioma": (2, 1), "notumor": (0, 0), "pituitary": (3, 1)}
@@ -331,7 +331,7 @@ def test_kaggle_tumor(tmp_path):
         for it_m, it_b in zip(m[sec], b[sec], strict=True):
             cls = Path(it_m["image"]).parent.name
             assert (it_m["label"], it_b["label"]) == expected[cls]
-            assert it_m["class_name"] == cls
+            assert it_m["class_name"] == ("healthy" if cls == "notumor" else cls)
             assert it_b["class_name"] == ("healthy" if cls == "notumor" else "tumour")
 
 
