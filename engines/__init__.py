@@ -4,6 +4,7 @@ prepare-batch and anomaly inferers, the shared anomaly evaluation, and helpers f
 from engines.anomaly import (
     AnomalyEvaluationHandler,
     AnomalyFigureHandler,
+    AnomalyMapWriter,
     HealthyThresholdHandler,
     VolumeAnomalyInferer,
     from_model_size,
@@ -42,6 +43,7 @@ __all__ = [
     "AnomalyEvaluator",
     "AnomalyFigureHandler",
     "AnomalyInferer",
+    "AnomalyMapWriter",
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
     "HealthyThresholdHandler",

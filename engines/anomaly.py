@@ -396,6 +396,8 @@ class AnomalyFigureHandler:
         max_subjects: number of pathological subjects drawn.
         slice_axis: the slicing axis.
         image_key, label_key, brain_key: batch keys.
+        every_volume: draw every volume (inference); without a lesion the slice with the largest
+            total anomaly score is drawn.
     """
 
     def __init__(
@@ -407,7 +409,9 @@ class AnomalyFigureHandler:
         image_key: str = "image",
         label_key: str = "label",
         brain_key: str = "brain_mask",
+        every_volume: bool = False,
     ) -> None:
+        self.every_volume = every_volume
         self.output_dir = Path(output_dir) / "figures"
         self.t = int(t)
         self.max_subjects = int(max_subjects)
@@ -437,7 +441,8 @@ class AnomalyFigureHandler:
         batch, pred = engine.state.batch, engine.state.output["pred"]
         lesion = _np(_first(batch[self.label_key])) > 0 if self.label_key in batch else None
         healthy = lesion is None or not lesion.any()
-        if (healthy and self._healthy_drawn) or (not healthy and self._drawn >= self.max_subjects):
+        done = (healthy and self._healthy_drawn) or (not healthy and self._drawn >= self.max_subjects)
+        if done and not self.every_volume:
             return
         if self.t not in pred["maps"]:
             return
@@ -445,10 +450,13 @@ class AnomalyFigureHandler:
         brain = _np(_first(batch[self.brain_key])) > 0
         amap = _np(pred["maps"][self.t]) * brain
         recon = _np(pred["recons"][self.t])
-        if healthy:
-            k = image.shape[self.axis] // 2
+        in_plane = tuple(a for a in range(3) if a != self.axis)
+        if not healthy:
+            k = int(np.argmax(lesion.sum(axis=in_plane)))
+        elif self.every_volume:
+            k = int(np.argmax(amap.sum(axis=in_plane)))
         else:
-            k = int(np.argmax(lesion.sum(axis=tuple(a for a in range(3) if a != self.axis))))
+            k = image.shape[self.axis] // 2
 
         def cut(a: np.ndarray) -> np.ndarray:
             return np.take(a, k, axis=self.axis).T  # RAS: transpose so anterior is up with origin="lower"
@@ -480,7 +488,7 @@ class AnomalyFigureHandler:
                 ax.contour(cut(lesion.astype(float)), [0.5], colors="cyan", linewidths=0.6)
         for ax in axes:
             ax.set_axis_off()
-        subject = str(_first(batch.get("subject", f"volume{engine.state.iteration}")))
+        subject = str(_first(batch.get("subject", f"volume{engine.state.iteration:04d}")))
         kind = str(_first(batch.get("kind", "")))
         fig.suptitle(f"{subject} ({kind}), slice {k}", fontsize=9)
         fig.tight_layout()
@@ -493,3 +501,87 @@ class AnomalyFigureHandler:
             self._healthy_drawn = True
         else:
             self._drawn += 1
+
+
+class AnomalyMapWriter:
+    """Write each volume's anomaly map as NIfTI on the input's own grid (shape and affine).
+
+    The map is computed on the reoriented (and possibly resampled) volume; the loading transforms'
+    recorded operations are inverted (as ``monai.transforms.Invertd`` does) so the written map lies
+    voxel for voxel on the input file's grid, whether it came from NIfTI or a DICOM series. Files
+    are written atomically (temporary file, then rename); names come from the input file name (a
+    DICOM series folder gives ``series_<n>``, never tag values).
+
+    Args:
+        preprocessing: the invertible loading ``Compose`` the evaluator's dataset used.
+        output_dir: output folder.
+        t: the noise level whose map is written.
+        image_key, brain_key: batch keys; the map is zeroed outside the brain mask.
+        postfix: file-name postfix.
+    """
+
+    def __init__(
+        self,
+        preprocessing: Any,
+        output_dir: str | Path,
+        t: int,
+        image_key: str = "image",
+        brain_key: str = "brain_mask",
+        postfix: str = "anomaly_map",
+    ) -> None:
+        self.preprocessing = preprocessing
+        self.output_dir = Path(output_dir)
+        self.t = int(t)
+        self.image_key, self.brain_key = image_key, brain_key
+        self.postfix = postfix
+        self.written: list[Path] = []
+
+    def attach(self, engine: Any) -> None:
+        """Register with an Ignite engine.
+
+        Args:
+            engine: the inference evaluator.
+        """
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._write)
+
+    def _name(self, source: str, index: int) -> str:
+        p = Path(source)
+        if p.is_dir():
+            return f"series_{index:04d}"
+        stem = p.name
+        for ext in (".nii.gz", ".nii", ".dcm", ".mha", ".nrrd"):
+            if stem.lower().endswith(ext):
+                stem = stem[: -len(ext)]
+                break
+        return stem
+
+    def _write(self, engine: Any) -> None:
+        import nibabel as nib
+        from monai.data import MetaTensor
+
+        from transforms.errors import source_name
+
+        batch = engine.state.batch
+        image = batch[self.image_key][0]  # decollate-free: the batch holds one volume
+        amap = engine.state.output["pred"]["maps"][self.t][0].float().cpu()
+        if self.brain_key in batch:
+            amap = amap * (torch.as_tensor(batch[self.brain_key][0]).cpu() > 0)
+        m = MetaTensor(amap, meta=dict(image.meta), applied_operations=list(image.applied_operations))
+        inv = self.preprocessing.inverse({self.image_key: m})[self.image_key]
+        arr = np.asarray(inv.detach().cpu().numpy(), dtype=np.float32)
+        arr = arr[0] if arr.ndim == 4 else arr
+        affine = np.asarray(
+            inv.affine.cpu().numpy() if hasattr(inv.affine, "cpu") else inv.affine, dtype=np.float64
+        )
+        src = source_name(image.meta)
+        out = self.output_dir / f"{self._name(src, len(self.written))}_{self.postfix}.nii.gz"
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp.nii.gz")
+        img = nib.Nifti1Image(arr, affine)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, tmp)
+        tmp.replace(out)
+        self.written.append(out)
+        logger.info("anomaly map written: %s", out)

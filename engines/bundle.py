@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 __all__ = ["TimeBudget", "bundle_root", "demo_dataset_dir"]
 
 logger = logging.getLogger(__name__)
@@ -100,11 +102,16 @@ class TimeBudget:
         self._start = time.monotonic()
 
     def _check(self, engine: Any) -> None:
-        if (
-            self._start is not None
-            and self.seconds is not None
-            and time.monotonic() - self._start > self.seconds
-        ):
+        if self._start is None or self.seconds is None:
+            return
+        spent = time.monotonic() - self._start > self.seconds
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank must stop at the same iteration, or the others hang in the next all-reduce:
+            # rank 0's clock decides (one tiny broadcast per iteration)
+            flag = torch.tensor([float(spent)], device=_dist_device())
+            torch.distributed.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        if spent:
             logger.info(
                 "time budget of %.1f min spent at epoch %d, iteration %d: stopping",
                 self.seconds / 60,
@@ -112,3 +119,10 @@ class TimeBudget:
                 engine.state.iteration,
             )
             engine.terminate()
+
+
+def _dist_device() -> torch.device:
+    # NCCL only moves CUDA tensors; gloo takes CPU tensors
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
