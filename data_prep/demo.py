@@ -91,7 +91,7 @@ FINDINGS = (
     "strong_bias_field",
 )
 CONTRASTS = ("T1w", "FLAIR")
-_VERSION = "1"  # bump when the generator changes, so cached cohorts are rebuilt
+_VERSION = "2"  # bump when the generator changes, so cached cohorts are rebuilt
 
 
 @dataclass
@@ -323,7 +323,7 @@ def _make_subject(tpl: Template, index: int, kind: str, seed: int, spacing: floa
             halo_ratio = float(rng.uniform(1.35, 1.7))
             mass_effect_mm = float(rng.uniform(2.0, 5.0))
         elif kind == "meningioma":
-            # dural based: a point on the upper/lateral brain surface, the lesion centred just outside
+            # dural based: a point on the upper/lateral brain surface; the tumour grows inwards from it
             surf = brain & (_erode(brain.float(), 1) < 0.5)
             upper = torch.zeros(shape, dtype=torch.bool)
             upper[:, :, int(shape[2] * 0.45) :] = True
@@ -331,7 +331,9 @@ def _make_subject(tpl: Template, index: int, kind: str, seed: int, spacing: floa
             inward = torch.as_tensor(centre, dtype=torch.float32) - c0
             inward = inward / inward.norm().clamp_min(1e-6)
             r = float(rng.uniform(9, 15)) / spacing
-            c = c0 - 0.35 * r * inward
+            # centred just inside the surface: the tumour fills the space the brain is pushed out of, and most
+            # of it stays inside the brain mask after the evaluation's 2-voxel erosion
+            c = c0 + 0.15 * r * inward
             radii = torch.full((3,), r)
             appearance = "iso"
             halo_ratio = 0.0
