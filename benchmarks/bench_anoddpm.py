@@ -89,9 +89,11 @@ def main() -> None:
         sec = _timeit(lambda inf=inf: inf(x, net), 1 if recon == "ddpm" else a.repeats, dev)
         rows.append((f"reconstruction {recon} (t={t})", calls, a.batch / sec))
     ref = rows[-1][2]
-    print(f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine()}), "
-          f"threads {torch.get_num_threads()}, batch {a.batch}, {size}x{size}")
-    print("| what | network calls per slice | slices/s | × iterative DDPM |")
+    print(
+        f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine()}), "
+        f"threads {torch.get_num_threads()}, batch {a.batch}, {size}x{size}"
+    )
+    print("| what | network calls per slice | slices/s | x iterative DDPM |")
     print("|---|---|---|---|")
     for name, calls, sps in rows:
         rel = f"{sps / ref:.1f}" if name.startswith("reconstruction") else ""

@@ -3,7 +3,7 @@
 #   bash scripts/test.sh [pytest args]      e.g. -m slow for the longer checks
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev
+bash scripts/setup.sh dev,app
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q "$@"

@@ -74,6 +74,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
 
 # public name -> submodule that defines it
 _LAZY = {
+    "RandSimplexNoise": "simplex",
+    "RandSimplexNoiseD": "simplex",
+    "RandSimplexNoised": "simplex",
+    "RandSimplexNoiseDict": "simplex",
+    "simplex_noise": "simplex",
+    "simplex_noise_like": "simplex",
+    "simplex3": "simplex",
+    "simplex3_reference": "simplex",
     "MaskedZScore": "intensity",
     "MaskedZScoreD": "intensity",
     "MaskedZScored": "intensity",
