@@ -78,7 +78,9 @@ def test_train_writes_model_and_checkpoints(trained: Path) -> None:
     assert ckpts == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
     full = load_checkpoint(trained / "models" / "checkpoint_epoch=2.pt")
     assert {"model", "optimizer", "lr_scheduler", "trainer"} <= set(full)
-    assert full["trainer"]["iteration"] == 2 * full["trainer"]["epoch_length"]  # ignite keeps iterations, not epochs
+    assert (
+        full["trainer"]["iteration"] == 2 * full["trainer"]["epoch_length"]
+    )  # ignite keeps iterations, not epochs
     assert not list((trained / "models").glob(".*tmp*")), "no temporary files left"
     (run,) = _runs(trained, "anoddpm_simplex-train")
     assert run.data.params["method"] == "anoddpm_simplex"
