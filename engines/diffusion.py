@@ -103,7 +103,39 @@ def draw_noise(
     raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
 
 
-class SimplexDiffusionPrepareBatch(DiffusionPrepareBatch):
+class _NoiseMixin:
+    """The noise settings shared by the training prepare-batch and the anomaly inferer, so both draw
+    the same kind of field from one place."""
+
+    noise_type: str
+    frequency: float
+    octaves: int
+    decay: float
+    normalise: bool
+
+    def _set_noise(
+        self, noise_type: str, frequency: float, octaves: int, decay: float, normalise: bool
+    ) -> None:
+        if noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
+        self.noise_type, self.frequency, self.octaves = noise_type, frequency, octaves
+        self.decay, self.normalise = decay, normalise
+
+    def _noise(self, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return draw_noise(
+            like.shape,
+            noise_type=self.noise_type,
+            frequency=self.frequency,
+            octaves=self.octaves,
+            decay=self.decay,
+            normalise=self.normalise,
+            generator=generator,
+            device=like.device,
+            dtype=like.dtype,
+        )
+
+
+class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
     """``prepare_batch`` for noise-prediction diffusion training with simplex noise (AnoDDPM, Wyatt et al. 2022).
 
     Drop-in for MONAI's ``DiffusionPrepareBatch`` in a ``SupervisedTrainer`` whose inferer is
@@ -138,15 +170,9 @@ class SimplexDiffusionPrepareBatch(DiffusionPrepareBatch):
         max_timestep: int | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
-        if noise_type not in NOISE_TYPES:
-            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
+        self._set_noise(noise_type, frequency, octaves, decay, normalise)
         if max_timestep is not None and not 1 <= max_timestep <= num_train_timesteps:
             raise ValueError(f"max_timestep must be in [1, {num_train_timesteps}], got {max_timestep}.")
-        self.noise_type = noise_type
-        self.frequency = frequency
-        self.octaves = octaves
-        self.decay = decay
-        self.normalise = normalise
         self.max_timestep = max_timestep
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
@@ -163,16 +189,7 @@ class SimplexDiffusionPrepareBatch(DiffusionPrepareBatch):
         """
         # the global RNG is used (no generator) so that training randomness follows torch.manual_seed /
         # monai.utils.set_determinism, like MONAI's own torch.randn_like
-        return draw_noise(
-            images.shape,
-            noise_type=self.noise_type,
-            frequency=self.frequency,
-            octaves=self.octaves,
-            decay=self.decay,
-            normalise=self.normalise,
-            device=images.device,
-            dtype=images.dtype,
-        )
+        return self._noise(images)
 
     def get_timesteps(self, images: torch.Tensor) -> torch.Tensor:
         """Draw one timestep per sample, uniformly from ``[0, max_timestep or T)``.
@@ -369,7 +386,7 @@ def ddim_timesteps(t_index: int, num_steps: int) -> list[int]:
     return [int(v) for v in torch.linspace(t_index, 0, k, dtype=torch.float64).round().long()]
 
 
-class AnomalyInferer(Inferer):
+class AnomalyInferer(_NoiseMixin, Inferer):
     """AnoDDPM partial-diffusion reconstruction and anomaly map (Wyatt et al., CVPR Workshops 2022).
 
     The image is noised to ``t_start`` of the ``T`` training steps with simplex (or Gaussian) noise, denoised back
@@ -431,8 +448,7 @@ class AnomalyInferer(Inferer):
         super().__init__()
         if recon not in RECON_MODES:
             raise ValueError(f"recon must be one of {RECON_MODES}, got {recon!r}.")
-        if noise_type not in NOISE_TYPES:
-            raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}.")
+        self._set_noise(noise_type, frequency, octaves, decay, normalise)
         if ddim_steps < 1:
             raise ValueError(f"ddim_steps must be >= 1, got {ddim_steps}.")
         if median < 0 or (median > 1 and median % 2 == 0):
@@ -443,11 +459,6 @@ class AnomalyInferer(Inferer):
         self.t_start = t_start
         self.recon = recon
         self.ddim_steps = ddim_steps
-        self.noise_type = noise_type
-        self.frequency = frequency
-        self.octaves = octaves
-        self.decay = decay
-        self.normalise = normalise
         self.median = median
         self.seed = seed
         self.clip_range = clip_range
@@ -456,19 +467,6 @@ class AnomalyInferer(Inferer):
         num_t = self.scheduler.num_train_timesteps
         if not 1 <= int(t_start) <= num_t:
             raise ValueError(f"t_start must be in [1, {num_t}] (number of diffusion steps), got {t_start}.")
-
-    def _noise(self, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return draw_noise(
-            like.shape,
-            noise_type=self.noise_type,
-            frequency=self.frequency,
-            octaves=self.octaves,
-            decay=self.decay,
-            normalise=self.normalise,
-            generator=generator,
-            device=like.device,
-            dtype=like.dtype,
-        )
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         return None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
