@@ -11,7 +11,7 @@ voxels always raise, naming the file: the outputs never contain NaN or Inf.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -84,6 +84,25 @@ def _masked_values(x: torch.Tensor, m: torch.Tensor | None, mask_obj: Any, img_n
     return values
 
 
+def _prepare(img: Any, mask: Any) -> tuple[torch.Tensor, str, torch.Tensor, torch.Tensor | None]:
+    """Shared prologue of the normalisers: tensor, file name, finite check, working copy, mask."""
+    img_t = convert_to_tensor(img, track_meta=isinstance(img, MetaTensor))
+    name = image_name(img_t)
+    check_finite(img_t, name)
+    x = _work_tensor(img_t)
+    return img_t, name, x, None if mask is None else prepare_mask(mask, x)
+
+
+def _channel_groups(
+    x: torch.Tensor, m: torch.Tensor | None, channel_wise: bool, mask_obj: Any, name: str
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Yield ``(group, values of the group, its mask, the voxels the statistics come from)``."""
+    for g in _groups(x, channel_wise):
+        xg = x[g]
+        mg = None if m is None else (m[g] if m.shape[0] > 1 else m)
+        yield g, xg, mg, _masked_values(xg, mg, mask_obj, name)
+
+
 class PercentileScaleIntensity(Transform):
     """Clip to the ``[lower, upper]`` percentiles and scale linearly to ``[b_min, b_max]``.
 
@@ -145,17 +164,11 @@ class PercentileScaleIntensity(Transform):
         Returns:
             The scaled image, a MetaTensor with ``img``'s metadata if ``img`` is one.
         """
-        img_t = convert_to_tensor(img, track_meta=isinstance(img, MetaTensor))
-        name = image_name(img_t)
-        check_finite(img_t, name)
-        x = _work_tensor(img_t)
-        m = None if mask is None else prepare_mask(mask, x)
+        img_t, name, x, m = _prepare(img, mask)
         out = torch.empty_like(x)
         lo_out, hi_out = min(self.b_min, self.b_max), max(self.b_min, self.b_max)
-        for g in _groups(x, self.channel_wise):
-            xg = x[g]
-            mg = None if m is None else (m[g] if m.shape[0] > 1 else m)
-            a_min, a_max = quantiles(_masked_values(xg, mg, mask, name), (self.lower, self.upper))
+        for g, xg, _, values in _channel_groups(x, m, self.channel_wise, mask, name):
+            a_min, a_max = quantiles(values, (self.lower, self.upper))
             # Bounds as tensors of the working dtype: clip and subtract with the very same rounded
             # values, so (x - lo) / (hi - lo) is provably within [0, 1] in floating point.
             lo = torch.tensor(a_min, dtype=x.dtype)
@@ -277,17 +290,11 @@ class MaskedZScore(Transform):
         Returns:
             The normalised image, a MetaTensor with ``img``'s metadata if ``img`` is one.
         """
-        img_t = convert_to_tensor(img, track_meta=isinstance(img, MetaTensor))
-        name = image_name(img_t)
-        check_finite(img_t, name)
-        x = _work_tensor(img_t)
-        m = None if mask is None else prepare_mask(mask, x)
+        img_t, name, x, m = _prepare(img, mask)
         out = torch.empty_like(x)
-        for g in _groups(x, self.channel_wise):
-            xg = x[g]
-            mg = None if m is None else (m[g] if m.shape[0] > 1 else m)
+        for g, xg, mg, values in _channel_groups(x, m, self.channel_wise, mask, name):
             # float64 statistics: float32 sums over millions of voxels lose digits that matter for std.
-            values = _masked_values(xg, mg, mask, name).to(torch.float64)
+            values = values.to(torch.float64)
             mean = values.mean()
             std = values.std(correction=0)
             if not bool(std > self.eps):
