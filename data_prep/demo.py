@@ -91,7 +91,7 @@ FINDINGS = (
     "strong_bias_field",
 )
 CONTRASTS = ("T1w", "FLAIR")
-_VERSION = "2"  # bump when the generator changes, so cached cohorts are rebuilt
+_VERSION = "3"  # bump when the generator changes, so cached cohorts are rebuilt
 
 
 @dataclass
@@ -719,8 +719,9 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
             dl / f"anomaly_supervised_{c.lower()}.json",
             {**supervised[c], "test": anomaly[c]["test"]},
             name=f"demo-anomaly-supervised-{c.lower()}",
-            description="training/validation: healthy and pathological volumes with lesion masks; test: as anomaly_*.json.",
-            extra={**common, "contrast": c, "kinds": list(KINDS)},
+            description="training/validation: healthy and pathological volumes with lesion masks; test: as anomaly_*.json. "
+            "Slice classes (labels) come from the lesion masks, in the order of 'labels'.",
+            extra={**common, "contrast": c, "kinds": list(KINDS), "labels": ["healthy", "diseased"]},
         )
     write_datalist(
         dl / "classification_binary.json",

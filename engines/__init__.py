@@ -8,6 +8,8 @@ from engines.anomaly import (
     HealthyThresholdHandler,
     VolumeAnomalyInferer,
     from_model_size,
+    setting_key,
+    setting_name,
     to_model_size,
 )
 from engines.anomaly_eval import AnomalyEvaluator, PostProcess, healthy_thresholds, intensity_baseline_map
@@ -21,8 +23,19 @@ from engines.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
 )
-from engines.data import SliceDataset, healthy_slices_only
+from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
 from engines.diffusion import AnomalyInferer, SimplexDiffusionPrepareBatch
+from engines.guided import (
+    GuidedDDIMInferer,
+    NoisyClassifierPrepareBatch,
+    check_healthy_index,
+    class_names_of,
+    guided_setting,
+    guided_settings,
+    parse_guided_setting,
+    save_class_names,
+    timestep_accuracy_metrics,
+)
 from engines.outputs import loss_dict_from_output, loss_from_output
 from engines.progress import ProgressBarHandler, attach_progress_bar
 from engines.tracking import (
@@ -46,7 +59,9 @@ __all__ = [
     "AnomalyMapWriter",
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "GuidedDDIMInferer",
     "HealthyThresholdHandler",
+    "NoisyClassifierPrepareBatch",
     "PostProcess",
     "ProgressBarHandler",
     "ResumeCheckpointLoader",
@@ -59,6 +74,9 @@ __all__ = [
     "atomic_torch_save",
     "attach_progress_bar",
     "bundle_root",
+    "check_healthy_index",
+    "class_names_of",
+    "class_weights",
     "default_tracking_uri",
     "demo_dataset_dir",
     "experiment_name",
@@ -66,14 +84,23 @@ __all__ = [
     "flatten_params",
     "from_model_size",
     "git_commit",
+    "guided_setting",
+    "guided_settings",
     "healthy_slices_only",
     "healthy_thresholds",
+    "healthy_volumes",
     "intensity_baseline_map",
     "load_checkpoint",
     "loss_dict_from_output",
     "loss_from_output",
     "make_mlflow_handler",
+    "parse_guided_setting",
     "run_params",
     "run_tags",
+    "save_class_names",
+    "setting_key",
+    "setting_name",
+    "subset_by_kind",
+    "timestep_accuracy_metrics",
     "to_model_size",
 ]

@@ -39,6 +39,8 @@ __all__ = [
     "HealthyThresholdHandler",
     "VolumeAnomalyInferer",
     "from_model_size",
+    "setting_key",
+    "setting_name",
     "to_model_size",
 ]
 
@@ -96,13 +98,45 @@ def from_model_size(y: torch.Tensor, shape: Sequence[int], mode: str = "bilinear
     return F.interpolate(y, size=(h, w), mode=mode, **kw) if (rh, rw) != (h, w) else y
 
 
+def setting_key(value: Any) -> int | str:
+    """Normalise a sweep setting: a noise level ``t`` stays an ``int`` (also when given as ``"250"``), a
+    named setting (e.g. guided DDIM's ``"L500_s10"``) stays a string.
+
+    Args:
+        value: an int, a numeric string or a setting name.
+
+    Returns:
+        The key under which maps and reconstructions are stored.
+    """
+    if isinstance(value, str) and not value.strip().isdigit():
+        return value.strip()
+    return int(value)
+
+
+def setting_name(key: int | str) -> str:
+    """The metric prefix of a setting: ``t<t>`` for a noise level, the name itself otherwise.
+
+    Args:
+        key: a key from :func:`setting_key`.
+
+    Returns:
+        E.g. ``"t250"`` or ``"L500_s10"``.
+    """
+    key = setting_key(key)
+    return f"t{key}" if isinstance(key, int) else key
+
+
 class VolumeAnomalyInferer(Inferer):
     """Apply a 2D anomaly inferer to every slice of a ``(1, C, X, Y, Z)`` volume.
 
     Args:
-        slice_inferer: a 2D inferer with ``sweep(images, network, t_values, brain_mask=None)``
-            returning ``{t: (B, 1, H, W) map}`` (e.g. :class:`engines.diffusion.AnomalyInferer`).
-        t_values: the ``t`` (noise levels) to compute maps for; the first is the default map.
+        slice_inferer: a 2D inferer with ``reconstruct(images, network, t_start=setting)`` returning
+            ``{"recon": ...}`` and ``anomaly_map(images, recon)`` (e.g.
+            :class:`engines.diffusion.AnomalyInferer`, :class:`engines.guided.GuidedDDIMInferer`). If it also
+            has ``reconstruct_settings(images, network, settings)``, that is used, so it can share work
+            between settings (guided DDIM encodes each level once for all its guidance scales).
+        t_values: the settings to compute maps for: noise levels ``t`` (AnoDDPM) or setting names
+            such as ``"L500_s10"`` (guided DDIM); see :func:`setting_key`.
         image_size: the network's square input size.
         axis: slicing axis of the volume (spatial index 0..2; 2 = axial for RAS volumes).
         batch_size: slices per network call.
@@ -130,7 +164,7 @@ class VolumeAnomalyInferer(Inferer):
         if not t_values:
             raise ValueError("t_values must name at least one noise level")
         self.slice_inferer = slice_inferer
-        self.t_values = [int(t) for t in t_values]
+        self.t_values = [setting_key(t) for t in t_values]
         self.image_size = int(image_size)
         self.axis = axis
         self.batch_size = int(batch_size)
@@ -170,10 +204,16 @@ class VolumeAnomalyInferer(Inferer):
         for start in range(0, len(keep), self.batch_size):
             idx = keep[start : start + self.batch_size]
             x = to_model_size(slices[idx], self.image_size)
-            for t in self.t_values:
+            if hasattr(self.slice_inferer, "reconstruct_settings"):
+                batch_recons = self.slice_inferer.reconstruct_settings(x, network, self.t_values)
+            else:
                 # a seeded slice inferer starts every call from the same generator state, so every t sees the
                 # same noise field (common random numbers across the sweep)
-                recon = self.slice_inferer.reconstruct(x, network, t_start=t)["recon"]
+                batch_recons = {
+                    t: self.slice_inferer.reconstruct(x, network, t_start=t)["recon"] for t in self.t_values
+                }
+            for t in self.t_values:
+                recon = batch_recons[t]
                 maps[t][idx] = from_model_size(self.slice_inferer.anomaly_map(x, recon).float(), hw)
                 recons[t][idx] = from_model_size(recon.float(), hw)
         # back to (1, C, X, Y, Z): the slice axis returns to where it came from
@@ -246,7 +286,7 @@ class HealthyThresholdHandler:
         self._brains.append(_np(_first(batch[self.brain_key])) > 0)
         self._images.append(_np(_first(batch[self.image_key])))
         for t, m in engine.state.output["pred"]["maps"].items():
-            self._maps.setdefault(f"t{t}", []).append(_np(m))
+            self._maps.setdefault(setting_name(t), []).append(_np(m))
 
     def _finish(self, engine: Any) -> None:
         if not self._brains:
@@ -295,7 +335,7 @@ class AnomalyEvaluationHandler:
         image_key: str = "image",
         label_key: str = "label",
         brain_key: str = "brain_mask",
-        headline_t: int | None = None,
+        headline_t: int | str | None = None,
         max_pixels_for_curves: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
@@ -340,7 +380,7 @@ class AnomalyEvaluationHandler:
         lesion = _np(_first(batch[self.label_key])) > 0 if self.label_key in batch else None
         image = _np(_first(batch[self.image_key]))
         for t, m in engine.state.output["pred"]["maps"].items():
-            self._evaluator(f"t{t}").add(subject, kind, _np(m), lesion, brain)
+            self._evaluator(setting_name(t)).add(subject, kind, _np(m), lesion, brain)
         reference = self.healthy.reference if self.healthy else None
         mode = self.healthy.baseline_mode if self.healthy else "abs_dev"
         self._evaluator(BASELINE).add(
@@ -350,7 +390,11 @@ class AnomalyEvaluationHandler:
     def _finish(self, engine: Any) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         methods = [k for k in self.evaluators if k != BASELINE]
-        headline = f"t{self.headline_t}" if self.headline_t is not None else (methods[0] if methods else None)
+        headline = (
+            setting_name(self.headline_t)
+            if self.headline_t is not None
+            else (methods[0] if methods else None)
+        )
         for name, ev in self.evaluators.items():
             res = ev.compute()
             self.results[name] = res
@@ -403,7 +447,7 @@ class AnomalyFigureHandler:
     def __init__(
         self,
         output_dir: str | Path,
-        t: int,
+        t: int | str,
         max_subjects: int = 6,
         slice_axis: int = 2,
         image_key: str = "image",
@@ -413,7 +457,7 @@ class AnomalyFigureHandler:
     ) -> None:
         self.every_volume = every_volume
         self.output_dir = Path(output_dir) / "figures"
-        self.t = int(t)
+        self.t = setting_key(t)
         self.max_subjects = int(max_subjects)
         self.axis = slice_axis
         self.image_key, self.label_key, self.brain_key = image_key, label_key, brain_key
@@ -469,7 +513,7 @@ class AnomalyFigureHandler:
         fig, axes = plt.subplots(1, 4, figsize=(10, 2.9))
         panels = [
             (cut(image), "image", "gray"),
-            (cut(recon), f"reconstruction (t={self.t})", "gray"),
+            (cut(recon), f"reconstruction ({setting_name(self.t)})", "gray"),
             (cut(amap), "anomaly map", "hot"),
         ]
         for ax, (a, title, cmap) in zip(axes, panels, strict=False):
@@ -524,14 +568,14 @@ class AnomalyMapWriter:
         self,
         preprocessing: Any,
         output_dir: str | Path,
-        t: int,
+        t: int | str,
         image_key: str = "image",
         brain_key: str = "brain_mask",
         postfix: str = "anomaly_map",
     ) -> None:
         self.preprocessing = preprocessing
         self.output_dir = Path(output_dir)
-        self.t = int(t)
+        self.t = setting_key(t)
         self.image_key, self.brain_key = image_key, brain_key
         self.postfix = postfix
         self.written: list[Path] = []

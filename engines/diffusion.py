@@ -37,6 +37,7 @@ from monai.networks.schedulers import Scheduler
 __all__ = [
     "AnomalyInferer",
     "SimplexDiffusionPrepareBatch",
+    "ddim_reversed_step",
     "ddim_step",
     "ddim_timesteps",
     "ddpm_posterior_step",
@@ -367,6 +368,46 @@ def ddim_step(
     # eps_hat is the network output even after x0_hat is clamped, as in MONAI's DDIMScheduler.step
     prev = alpha_prod_t_prev**0.5 * x0 + (1 - alpha_prod_t_prev) ** 0.5 * model_output
     return prev, x0
+
+
+def ddim_reversed_step(
+    scheduler: Scheduler,
+    model_output: torch.Tensor,
+    timestep: int,
+    next_timestep: int,
+    sample: torch.Tensor,
+    clip_range: tuple[float, float] | None = (-1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One deterministic DDIM *encoding* step ``x_timestep -> x_next_timestep`` (``next_timestep > timestep``).
+
+    The DDIM update run backwards (Dhariwal & Nichol 2021, appendix F; Song et al. 2021, eq. 13 with sigma = 0):
+    ``x_next = sqrt(alpha_bar_next) x0_hat + sqrt(1 - alpha_bar_next) eps_hat``, ``x0_hat`` from the noise
+    prediction at ``timestep``. MONAI's ``DDIMScheduler.reversed_step`` is the same update but always moves by
+    ``T // num_inference_steps``; an encoding to an arbitrary level ``L`` in ``k`` steps needs arbitrary targets.
+    For a step it can express the two agree (tested).
+
+    Args:
+        scheduler: a MONAI scheduler with ``alphas_cumprod``.
+        model_output: predicted noise ``eps_hat`` at ``timestep``.
+        timestep: current MONAI timestep index.
+        next_timestep: target timestep index (``> timestep``, ``< T``).
+        sample: current image ``x_timestep``.
+        clip_range: clamp range of ``x0_hat``, or ``None`` (``DDIMScheduler`` clamps when ``clip_sample``).
+
+    Returns:
+        ``(next_sample, pred_original_sample)``, as ``DDIMScheduler.reversed_step``.
+
+    Raises:
+        ValueError: if ``next_timestep`` is not in ``(timestep, T)``.
+    """
+    num_t = int(scheduler.num_train_timesteps)
+    if not timestep < next_timestep < num_t:
+        raise ValueError(f"next_timestep ({next_timestep}) must be in ({timestep}, {num_t}).")
+    _check_epsilon(scheduler)
+    alpha_prod_next = _coef(scheduler.alphas_cumprod, next_timestep, sample)
+    x0 = predict_x0(scheduler, model_output, timestep, sample, clip_range)
+    nxt = alpha_prod_next**0.5 * x0 + (1 - alpha_prod_next) ** 0.5 * model_output
+    return nxt, x0
 
 
 def ddim_timesteps(t_index: int, num_steps: int) -> list[int]:

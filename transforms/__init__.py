@@ -27,6 +27,13 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         PercentileScaleIntensityDict,
         quantiles,
     )
+    from transforms.labels import (
+        AMBIGUOUS,
+        SliceClassLabelD,
+        SliceClassLabeld,
+        SliceClassLabelDict,
+        known_class_only,
+    )
     from transforms.mask import (
         ForegroundMask,
         ForegroundMaskD,
@@ -91,6 +98,11 @@ _LAZY = {
     "PercentileScaleIntensityd": "intensity",
     "PercentileScaleIntensityDict": "intensity",
     "quantiles": "intensity",
+    "AMBIGUOUS": "labels",
+    "SliceClassLabelD": "labels",
+    "SliceClassLabeld": "labels",
+    "SliceClassLabelDict": "labels",
+    "known_class_only": "labels",
     "ForegroundMask": "mask",
     "ForegroundMaskD": "mask",
     "ForegroundMaskd": "mask",
@@ -130,6 +142,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "AMBIGUOUS",
     "SLICE_META_KEYS",
     "CheckImage",
     "CheckImageD",
@@ -160,6 +173,9 @@ __all__ = [
     "RandSimplexNoiseD",
     "RandSimplexNoiseDict",
     "RandSimplexNoised",
+    "SliceClassLabelD",
+    "SliceClassLabelDict",
+    "SliceClassLabeld",
     "SlicesToVolume",
     "SlicesToVolumeD",
     "SlicesToVolumeDict",
@@ -173,6 +189,7 @@ __all__ = [
     "find_input_error",
     "foreground_fraction",
     "image_name",
+    "known_class_only",
     "largest_component",
     "otsu_threshold",
     "prepare_mask",
