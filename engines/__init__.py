@@ -26,6 +26,7 @@ from engines.checkpoint import (
 from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
 from engines.diffusion import AnomalyInferer, SimplexDiffusionPrepareBatch
 from engines.guided import (
+    GuidedChainFigureHandler,
     GuidedDDIMInferer,
     NoisyClassifierPrepareBatch,
     check_healthy_index,
@@ -59,6 +60,7 @@ __all__ = [
     "AnomalyMapWriter",
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
     "HealthyThresholdHandler",
     "NoisyClassifierPrepareBatch",

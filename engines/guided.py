@@ -42,6 +42,7 @@ from engines.diffusion import _check_epsilon, _plain, ddim_reversed_step, ddim_s
 
 __all__ = [
     "DEFAULT_CLASS_NAMES",
+    "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
     "NoisyClassifierPrepareBatch",
     "check_healthy_index",
@@ -329,24 +330,26 @@ class GuidedDDIMInferer(Inferer):
             network: the epsilon-prediction UNet.
             level: ``L`` of the encoding.
             scale: guidance scale ``s`` (0: plain DDIM decoding, no classifier call).
-            record: keep every intermediate ``x_tau``, the classifier gradients and ``p(healthy)``.
+            record: keep every intermediate ``x_tau``, the classifier gradients and ``p(healthy)`` (computed for
+                the record even when ``s == 0``, where they are not applied).
 
         Returns:
             ``{"recon": x_hat, "chain": [...], "gradients": [...], "p_healthy": [...]}`` (lists empty unless
-            ``record``; gradients and probabilities only when ``s != 0``).
+            ``record``).
         """
         taus = self.timesteps(level)[::-1]
         x = latent
         out: dict[str, Any] = {"chain": [x] if record else [], "gradients": [], "p_healthy": []}
         for t, t_prev in itertools.pairwise(taus):
             eps = self._call_unet(network, x, t)
-            if scale != 0:
+            if scale != 0 or record:
                 grad, p = self.guidance_gradient(x, t)
-                # Dhariwal & Nichol, algorithm 2: shift the noise prediction against the class-score gradient
-                eps = eps - (1 - self.scheduler.alphas_cumprod[t].to(x.device)) ** 0.5 * scale * grad
                 if record:
                     out["gradients"].append(grad)
                     out["p_healthy"].append(p)
+            if scale != 0:
+                # Dhariwal & Nichol, algorithm 2: shift the noise prediction against the class-score gradient
+                eps = eps - (1 - self.scheduler.alphas_cumprod[t].to(x.device)) ** 0.5 * scale * grad
             x, _ = ddim_step(self.scheduler, eps, t, t_prev, x, self.clip_range)
             if record:
                 out["chain"].append(x)
@@ -621,3 +624,175 @@ def save_class_names(path: str | Path, datalist: str | Path | Mapping, healthy_i
         path, json.dumps({"labels": names, "healthy_index": int(healthy_index)}, indent=1) + "\n"
     )
     return names
+
+
+def _frames(chain: Sequence[torch.Tensor], n: int) -> list[int]:
+    """At most ``n`` indices spread over a chain, always with its first and last entry."""
+    if len(chain) <= n:
+        return list(range(len(chain)))
+    return sorted({round(i * (len(chain) - 1) / (n - 1)) for i in range(n)})
+
+
+class GuidedChainFigureHandler:
+    """Figures of the guided-DDIM mechanism for a few pathological test slices (as in seed 002's README).
+
+    For each of the first ``max_subjects`` volumes with a lesion, the slice with the largest lesion area is
+    encoded and decoded again at ``setting`` with every intermediate step recorded, and written to
+    ``<output_dir>/figures/``:
+
+    * ``chain_<subject>.png``: the noising chain (DDIM encoding), the guided denoising chain, and the classifier
+      gradient ``grad_x log p(healthy | x_t, t)`` at every decoding step, with ``p(healthy)`` in the titles; a
+      last row shows the image, the reconstruction and ``|x - x_hat|`` with the lesion outline;
+    * ``chain_<subject>.gif``: the whole reconstruction (encoding, then decoding: ``2k + 1`` frames) as an
+      animation.
+
+    Args:
+        inferer: the :class:`GuidedDDIMInferer` of the evaluation.
+        output_dir: the evaluation output folder.
+        setting: the ``(L, s)`` setting to draw (a name such as ``"L500_s10"`` or an ``L``).
+        image_size: the network input size (the slice is brought to it as the volume inferer does).
+        slice_axis: the slicing axis.
+        max_subjects: how many pathological volumes to draw.
+        max_frames: columns per chain in the PNG (the GIF has every step).
+        image_key, label_key: batch keys.
+    """
+
+    def __init__(
+        self,
+        inferer: GuidedDDIMInferer,
+        output_dir: str | Path,
+        setting: int | str | None = None,
+        image_size: int = 64,
+        slice_axis: int = 2,
+        max_subjects: int = 2,
+        max_frames: int = 6,
+        image_key: str = "image",
+        label_key: str = "label",
+    ) -> None:
+        self.inferer = inferer
+        self.output_dir = Path(output_dir) / "figures"
+        self.setting = setting
+        self.image_size = int(image_size)
+        self.axis = int(slice_axis)
+        self.max_subjects = int(max_subjects)
+        self.max_frames = max(int(max_frames), 2)
+        self.image_key, self.label_key = image_key, label_key
+        self.written: list[Path] = []
+        self._drawn = 0
+
+    def attach(self, engine: Any) -> None:
+        """Register with an Ignite engine.
+
+        Args:
+            engine: the test-set evaluator (its ``network`` is the diffusion UNet).
+        """
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._draw)
+
+    def _draw(self, engine: Any) -> None:
+        from engines.anomaly import to_model_size
+
+        if self._drawn >= self.max_subjects:
+            return
+        batch = engine.state.batch
+        if self.label_key not in batch:
+            return
+        lesion = torch.as_tensor(batch[self.label_key])[0, 0] > 0  # (X, Y, Z)
+        if not lesion.any():
+            return
+        in_plane = tuple(a for a in range(3) if a != self.axis)
+        k = int(lesion.sum(dim=in_plane).argmax())
+        image = _plain(torch.as_tensor(batch[self.image_key]))[0]  # (C, X, Y, Z)
+        device = next(engine.network.parameters()).device
+        x = to_model_size(
+            torch.movedim(image, self.axis + 1, 0)[k : k + 1].float().to(device), self.image_size
+        )
+        les = to_model_size(
+            torch.movedim(lesion[None].float(), self.axis + 1, 0)[k : k + 1].to(device),
+            self.image_size,
+            "nearest",
+        )
+        out = self.inferer.reconstruct(x, engine.network, t_start=self.setting, record=True)
+        subject = str(_first_value(batch.get("subject", f"volume{engine.state.iteration:04d}")))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.written.append(self._png(subject, k, x, les, out))
+        self.written.append(self._gif(subject, out))
+        self._drawn += 1
+
+    def _title(self) -> str:
+        level, scale = self.inferer.setting(self.setting)
+        return f"L={level}, s={scale:g}, k={len(self.inferer.timesteps(level)) - 1} DDIM steps"
+
+    def _png(self, subject: str, k: int, x: torch.Tensor, lesion: torch.Tensor, out: dict[str, Any]) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        taus = out["timesteps"]
+        enc, dec, grads, ps = out["encode_chain"], out["decode_chain"], out["gradients"], out["p_healthy"]
+        cols = self.max_frames
+        fig, axes = plt.subplots(4, cols, figsize=(1.7 * cols, 7.4), squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+
+        def show(ax: Any, a: torch.Tensor, title: str, cmap: str = "gray", **kw: Any) -> None:
+            ax.imshow(a[0, 0].detach().cpu().numpy().T, origin="lower", cmap=cmap, **kw)
+            ax.set_title(title, fontsize=7)
+
+        for j, i in enumerate(_frames(enc, cols)):
+            show(axes[0, j], enc[i], f"encode t={taus[i] + 1}")
+        rev = taus[::-1]
+        for j, i in enumerate(_frames(dec, cols)):
+            show(axes[1, j], dec[i], f"decode t={rev[i] + 1}")
+        for j, i in enumerate(_frames(grads, cols)):
+            g = grads[i].abs()
+            show(axes[2, j], g, f"|grad| t={rev[i] + 1}\np(healthy)={float(ps[i][0]):.2f}", cmap="magma")
+        recon = out["recon"]
+        diff = (x - recon).abs()
+        show(axes[3, 0], x, "image")
+        show(axes[3, 1], recon, "reconstruction")
+        show(axes[3, 2], diff, "|x - x_hat|", cmap="hot")
+        for ax in axes[3, :3]:
+            ax.contour(lesion[0, 0].cpu().numpy().T, [0.5], colors="cyan", linewidths=0.6)
+        axes[0, 0].text(
+            -0.25, 0.5, "noising", transform=axes[0, 0].transAxes, rotation=90, va="center", fontsize=8
+        )
+        fig.suptitle(f"{subject}, slice {k}: {self._title()}", fontsize=9)
+        fig.tight_layout()
+        path = self.output_dir / f"chain_{subject}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        return path
+
+    def _gif(self, subject: str, out: dict[str, Any]) -> Path:
+        import numpy as np
+        from PIL import Image
+
+        # x_L ends the encoding and starts the decoding: one frame
+        frames = [*out["encode_chain"], *out["decode_chain"][1:]]
+        # one shared intensity window (the data range) so brightness changes are real, not rescaling
+        lo, hi = (-1.0, 1.0) if self.inferer.clip_range is None else self.inferer.clip_range
+        scale = max(1, 256 // max(frames[0].shape[-2:]))
+        images = []
+        for f in frames:
+            a = f[0, 0].detach().cpu().float().numpy().T[::-1]  # RAS: anterior up
+            a = np.clip((a - lo) / (hi - lo), 0, 1)
+            img = Image.fromarray((a * 255).astype(np.uint8))
+            img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+            # a progress strip under the image (encoding fills it, decoding empties it) shows where in the chain
+            # a frame is; it also keeps GIF writers from merging two frames that look alike
+            strip = np.zeros((6, img.width), np.uint8)
+            i = len(images)
+            n_enc = len(out["encode_chain"]) - 1
+            filled = i if i <= n_enc else 2 * n_enc - i
+            strip[1:5, : round(img.width * filled / max(n_enc, 1))] = 200
+            images.append(Image.fromarray(np.vstack([np.asarray(img), strip])))
+        path = self.output_dir / f"chain_{subject}.gif"
+        images[0].save(path, save_all=True, append_images=images[1:], duration=250, loop=0)
+        return path
+
+
+def _first_value(x: Any) -> Any:
+    return x[0] if isinstance(x, (list, tuple)) else x

@@ -8,10 +8,7 @@ there.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -19,38 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
+
 BUNDLE = ROOT / "bundles" / "anoddpm_simplex"
 CFG = BUNDLE / "configs"
-SHARED_SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def _run(configs: list[str], work: Path, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
-    files = json.dumps([str(CFG / c) for c in configs])
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns.db'}",
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"),
-    }
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29533"]
-        if torchrun
-        else [sys.executable]
-    )
-    cmd = [*launcher, "-m", "monai.bundle", "run", "--config_file", files, *args]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-20000:]}")
-    return proc
+    return run_bundle(CFG, configs, work, *args, torchrun=torchrun)
 
 
-def _common(demo: Path, work: Path) -> list[str]:
-    return [
-        "--dataset_dir", str(demo),
-        "--ckpt_dir", str(work / "models"),
-        "--output_dir", str(work / "eval"),
-    ]  # fmt: skip
+_common = common_args
+_runs = mlflow_runs
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +35,6 @@ def trained(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     work = tmp_path_factory.mktemp("anoddpm")
     _run(["train.json", "smoke.json"], work, *_common(demo_cohort, work))
     return work
-
-
-def _runs(work: Path, name: str) -> list:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
-    exp = client.get_experiment_by_name("anomaly-detection")
-    assert exp is not None, "the anomaly-detection experiment was not created"
-    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
 
 
 def test_train_writes_model_and_checkpoints(trained: Path) -> None:
@@ -186,12 +154,6 @@ def test_torchscript_export_matches_checkpoint(trained: Path) -> None:
 
 @pytest.mark.skipif(not SHARED_SCHEMA.is_file(), reason="../shared (the offline metadata schema) is absent")
 def test_metadata_verifies_offline(tmp_path: Path) -> None:
-    schema = tmp_path / SHARED_SCHEMA.name
-    shutil.copy(SHARED_SCHEMA, schema)
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CFG / "metadata.json"),
-         "--filepath", str(schema)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    proc = verify_metadata(CFG / "metadata.json", tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "metadata is verified with no error" in proc.stdout + proc.stderr
