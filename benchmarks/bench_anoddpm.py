@@ -14,29 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import device_name, timeit  # noqa: E402
+
 CFG = ROOT / "bundles" / "anoddpm_simplex" / "configs" / "train.json"
-
-
-def _timeit(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,7 +64,7 @@ def main() -> None:
         opt.step()
 
     net.train()
-    t_train = _timeit(train_step, a.repeats, dev)
+    t_train = timeit(train_step, a.repeats, dev)
     net.eval()
     rows = [("training step (simplex noise)", 1, a.batch / t_train)]
     ddpm_t = a.ddpm_t or a.t
@@ -86,11 +74,11 @@ def main() -> None:
         ("ddpm", ddpm_t, ddpm_t),
     ):
         inf = AnomalyInferer(sched, t_start=t, recon=recon, ddim_steps=a.ddim_steps, seed=0)
-        sec = _timeit(lambda inf=inf: inf(x, net), 1 if recon == "ddpm" else a.repeats, dev)
+        sec = timeit(lambda inf=inf: inf(x, net), 1 if recon == "ddpm" else a.repeats, dev)
         rows.append((f"reconstruction {recon} (t={t})", calls, a.batch / sec))
     ref = rows[-1][2]
     print(
-        f"device: {dev} ({torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or platform.machine()}), "
+        f"device: {dev} ({device_name(dev)}), "
         f"threads {torch.get_num_threads()}, batch {a.batch}, {size}x{size}"
     )
     print("| what | network calls per slice | slices/s | x iterative DDPM |")

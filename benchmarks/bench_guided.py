@@ -17,29 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._timing import device_name, timeit  # noqa: E402
+
 CFG = ROOT / "bundles" / "ddim_classifier_guidance" / "configs" / "train_diffusion.json"
-
-
-def _timeit(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -77,17 +65,22 @@ def main() -> None:
         for s in (0.0, a.scale):
             inf = GuidedDDIMInferer(sched, clf, a.level, s, ddim_steps=k)
             x = images(a.batch)
-            sec = _timeit(lambda inf=inf, x=x: inf.reconstruct(x, unet), a.repeats, dev)
+            sec = timeit(lambda inf=inf, x=x: inf.reconstruct(x, unet), a.repeats, dev)
             rows.append({"k": k, "s": s, "batch": a.batch, "ms_per_slice": 1000 * sec / a.batch})
     if not a.no_reference:
         inf = GuidedDDIMInferer(sched, clf, a.level, a.scale, ddim_steps=a.level)
         x = images(a.reference_batch)
-        sec = _timeit(lambda: inf.reconstruct(x, unet), 1, dev)
+        sec = timeit(lambda: inf.reconstruct(x, unet), 1, dev)
         rows.append(
-            {"k": a.level, "s": a.scale, "batch": a.reference_batch, "ms_per_slice": 1000 * sec / a.reference_batch}
+            {
+                "k": a.level,
+                "s": a.scale,
+                "batch": a.reference_batch,
+                "ms_per_slice": 1000 * sec / a.reference_batch,
+            }
         )
     ref = rows[-1]["ms_per_slice"] if not a.no_reference else None
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    name = device_name(dev)
     print(f"device: {dev} ({name}), threads {torch.get_num_threads()}, {size}x{size}, L={a.level}")
     print("| DDIM steps k | s | UNet calls | classifier grads | batch | ms per slice | speed-up vs k = L |")
     print("|---|---|---|---|---|---|---|")

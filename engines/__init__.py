@@ -24,7 +24,7 @@ from engines.checkpoint import (
     load_checkpoint,
 )
 from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
-from engines.diffusion import AnomalyInferer, SimplexDiffusionPrepareBatch
+from engines.diffusion import AnomalyInferer, ClassConditionalDiffusionInferer, SimplexDiffusionPrepareBatch
 from engines.guided import (
     GuidedChainFigureHandler,
     GuidedDDIMInferer,
@@ -60,6 +60,7 @@ __all__ = [
     "AnomalyMapWriter",
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "ClassConditionalDiffusionInferer",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
     "HealthyThresholdHandler",

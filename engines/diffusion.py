@@ -30,12 +30,13 @@ from typing import Any
 import torch
 from monai.data import MetaTensor
 from monai.engines.utils import DiffusionPrepareBatch
-from monai.inferers import Inferer
+from monai.inferers import DiffusionInferer, Inferer
 from monai.networks.layers import median_filter
 from monai.networks.schedulers import Scheduler
 
 __all__ = [
     "AnomalyInferer",
+    "ClassConditionalDiffusionInferer",
     "SimplexDiffusionPrepareBatch",
     "ddim_reversed_step",
     "ddim_step",
@@ -154,6 +155,9 @@ class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
         normalise: scale each simplex field to unit variance (default); see :func:`draw_noise`.
         max_timestep: if given, timesteps are drawn from ``[0, max_timestep)`` only. AnoDDPM trains on all
             ``T`` steps (the default ``None``); a cap is useful when inference never noises beyond it.
+        class_key: optional key of a class index per sample, passed as ``class_labels`` to the inferer (a
+            class-conditional ``DiffusionModelUNet`` with ``num_class_embeds``; use
+            :class:`ClassConditionalDiffusionInferer`).
 
     Raises:
         ValueError: if ``noise_type`` is unknown or ``max_timestep`` is outside ``[1, num_train_timesteps]``.
@@ -169,12 +173,44 @@ class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
         decay: float = 0.8,
         normalise: bool = True,
         max_timestep: int | None = None,
+        class_key: str | None = None,
     ) -> None:
         super().__init__(num_train_timesteps=num_train_timesteps, condition_name=condition_name)
+        self.class_key = class_key
         self._set_noise(noise_type, frequency, octaves, decay, normalise)
         if max_timestep is not None and not 1 <= max_timestep <= num_train_timesteps:
             raise ValueError(f"max_timestep must be in [1, {num_train_timesteps}], got {max_timestep}.")
         self.max_timestep = max_timestep
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple, dict]:
+        """MONAI's diffusion prepare-batch, plus ``class_labels`` from ``class_key`` when it is set.
+
+        Args:
+            batchdata: the collated batch.
+            device: target device.
+            non_blocking: passed to ``Tensor.to``.
+            kwargs: further ``Tensor.to`` arguments.
+
+        Returns:
+            ``(images, noise target, (), {"noise", "timesteps"[, "condition"][, "class_labels"]})``.
+
+        Raises:
+            KeyError: naming ``class_key`` when the batch lacks it.
+        """
+        images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
+        if self.class_key is not None:
+            if self.class_key not in batchdata:
+                raise KeyError(f"batch has no {self.class_key!r} for class-conditional training")
+            infer_kwargs["class_labels"] = (
+                torch.as_tensor(batchdata[self.class_key]).long().view(-1).to(images.device)
+            )
+        return images, target, args, infer_kwargs
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:
         """Return a noise field shaped like ``images``, on their device and dtype, one field per sample.
@@ -203,6 +239,46 @@ class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
         """
         high = self.num_train_timesteps if self.max_timestep is None else self.max_timestep
         return torch.randint(0, high, (images.shape[0],), device=images.device).long()
+
+
+class ClassConditionalDiffusionInferer(DiffusionInferer):
+    """MONAI's ``DiffusionInferer`` that can also pass ``class_labels`` to the network.
+
+    ``DiffusionInferer`` hands conditioning to the network as cross-attention ``context`` (or concatenated
+    channels) only; the class embedding of ``DiffusionModelUNet(num_class_embeds=...)`` is reached through the
+    ``class_labels`` argument, which it never passes. Without ``class_labels`` this is ``DiffusionInferer``.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        diffusion_model: Callable[..., torch.Tensor],
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor | None = None,
+        mode: str = "crossattn",
+        seg: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Noise ``inputs`` to ``timesteps`` and predict (the training forward pass).
+
+        Args:
+            inputs: clean images.
+            diffusion_model: the UNet.
+            noise: the noise, shaped like ``inputs``.
+            timesteps: one timestep per sample.
+            condition: cross-attention context (as ``DiffusionInferer``).
+            mode: ``"crossattn"`` or ``"concat"`` (as ``DiffusionInferer``).
+            seg: SPADE segmentation (as ``DiffusionInferer``).
+            class_labels: class index per sample for a class-conditional UNet.
+
+        Returns:
+            The network's prediction.
+        """
+        if class_labels is None:
+            return super().__call__(inputs, diffusion_model, noise, timesteps, condition, mode, seg)
+        noisy = self.scheduler.add_noise(original_samples=inputs, noise=noise, timesteps=timesteps)
+        return diffusion_model(x=noisy, timesteps=timesteps, context=condition, class_labels=class_labels)
 
 
 def _coef(values: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:

@@ -751,8 +751,11 @@ class GuidedChainFigureHandler:
             show(axes[2, j], g, f"|grad| t={rev[i] + 1}\np(healthy)={float(ps[i][0]):.2f}", cmap="magma")
         recon = out["recon"]
         diff = (x - recon).abs()
-        show(axes[3, 0], x, "image")
-        show(axes[3, 1], recon, "reconstruction")
+        # the image and its reconstruction share the data-range window; chain frames are windowed each on its own
+        # (x_t leaves the data range as noise is added)
+        lo, hi = (-1.0, 1.0) if self.inferer.clip_range is None else self.inferer.clip_range
+        show(axes[3, 0], x, "image", vmin=lo, vmax=hi)
+        show(axes[3, 1], recon, "reconstruction", vmin=lo, vmax=hi)
         show(axes[3, 2], diff, "|x - x_hat|", cmap="hot")
         for ax in axes[3, :3]:
             ax.contour(lesion[0, 0].cpu().numpy().T, [0.5], colors="cyan", linewidths=0.6)

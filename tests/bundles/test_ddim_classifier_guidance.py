@@ -99,7 +99,10 @@ def test_guidance_lowers_p_diseased_on_diseased_demo_slices(trained: Path, demo_
         s: GuidedDDIMInferer(sched, clf, 200, s, ddim_steps=5, healthy_index=0).reconstruct(x, unet)["recon"]
         for s in (0.0, 20.0)
     }
-    assert p_diseased(recon[20.0]) < p_diseased(recon[0.0]) - 0.05, (p_diseased(recon[0.0]), p_diseased(recon[20.0]))
+    assert p_diseased(recon[20.0]) < p_diseased(recon[0.0]) - 0.05, (
+        p_diseased(recon[0.0]),
+        p_diseased(recon[20.0]),
+    )
 
 
 def test_evaluate_logs_the_shared_metrics_and_the_sweep(trained: Path, demo_cohort: Path) -> None:
@@ -144,7 +147,9 @@ def test_evaluate_logs_the_shared_metrics_and_the_sweep(trained: Path, demo_coho
 def test_evaluate_refuses_a_healthy_index_that_disagrees_with_the_classifier(
     trained: Path, demo_cohort: Path
 ) -> None:
-    with pytest.raises(AssertionError, match=r"healthy_index 1 does not point at 'healthy'.*set healthy_index to 0"):
+    with pytest.raises(
+        AssertionError, match=r"healthy_index 1 does not point at 'healthy'.*set healthy_index to 0"
+    ):
         run_bundle(
             CFG,
             ["train_diffusion.json", "evaluate.json", "smoke.json"],
@@ -193,6 +198,37 @@ def test_multi_gpu_train_on_cpu_gloo(stage: str, demo_cohort: Path, tmp_path: Pa
     assert len(mlflow_runs(tmp_path, f"ddim_classifier_guidance-train_{stage}")) == 1, "only rank 0 logs"
     if stage == "classifier":
         assert (tmp_path / "models" / "classifier_labels.json").is_file()
+
+
+def test_class_conditional_option_trains_and_guides(demo_cohort: Path, tmp_path: Path) -> None:
+    """class_conditional: the UNet gets a class embedding, trains on labelled slices, and decodes as healthy."""
+    from engines import GuidedDDIMInferer, load_checkpoint
+
+    run_bundle(
+        CFG,
+        DIFFUSION,
+        tmp_path,
+        *common_args(demo_cohort, tmp_path),
+        "--epochs",
+        "1",
+        "--class_conditional",
+        "true",
+    )
+    sd = load_checkpoint(tmp_path / "models" / "diffusion_model.pt")
+    assert sd["class_embedding.weight"].shape[0] == 2, "one embedding per class of the datalist"
+    parser = _parser(demo_cohort, tmp_path, DIFFUSION)
+    parser["class_conditional"] = True
+    unet = parser.get_parsed_content("unet_def")
+    unet.load_state_dict(sd)
+    unet.eval()
+    clf = parser.get_parsed_content("classifier_def").eval()
+    sched = parser.get_parsed_content("noise_scheduler")
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    cond = GuidedDDIMInferer(sched, clf, 100, 5.0, ddim_steps=2, class_conditional=True)
+    recon = cond.reconstruct(x, unet)["recon"]
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+    with pytest.raises(ValueError, match="class_labels"):
+        GuidedDDIMInferer(sched, clf, 100, 5.0, ddim_steps=2).reconstruct(x, unet)
 
 
 @pytest.mark.skipif(not SHARED_SCHEMA.is_file(), reason="../shared (the offline metadata schema) is absent")

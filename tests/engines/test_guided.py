@@ -376,3 +376,50 @@ def test_class_weights_subsets_and_healthy_volumes(tmp_path: Path) -> None:
     assert [v["subject"] for v in healthy_volumes(vols)] == ["a", "c", "e"]
     with pytest.raises(ValueError, match="no healthy volume"):
         healthy_volumes([vols[1], vols[3]])
+
+
+# ---------------------------------------------------------------- class-conditional option
+
+
+def test_class_conditional_training_pieces_pass_class_labels() -> None:
+    from monai.inferers import DiffusionInferer
+
+    from engines.diffusion import ClassConditionalDiffusionInferer, SimplexDiffusionPrepareBatch
+
+    class Spy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kwargs: dict = {}
+
+        def forward(self, x, timesteps, context=None, class_labels=None):
+            self.kwargs = {"timesteps": timesteps, "class_labels": class_labels}
+            return x * 2
+
+    sched = DDPMScheduler(num_train_timesteps=T)
+    batch = {"image": _images(3), "class_label": torch.tensor([1, 0, 1])}
+    prep = SimplexDiffusionPrepareBatch(T, noise_type="gaussian", class_key="class_label")
+    images, target, args, kw = prep(batch)
+    assert kw["class_labels"].tolist() == [1, 0, 1] and torch.equal(target, kw["noise"])
+    spy = Spy()
+    out = ClassConditionalDiffusionInferer(sched)(images, spy, *args, **kw)
+    assert spy.kwargs["class_labels"].tolist() == [1, 0, 1]
+    noisy = sched.add_noise(images, kw["noise"], kw["timesteps"])
+    assert torch.allclose(out, noisy * 2)
+    # without class labels it is MONAI's DiffusionInferer
+    kw.pop("class_labels")
+    ref = DiffusionInferer(sched)(images, spy, **kw)
+    assert torch.equal(ClassConditionalDiffusionInferer(sched)(images, spy, **kw), ref)
+    assert spy.kwargs["class_labels"] is None
+    with pytest.raises(KeyError, match="class_label"):
+        prep({"image": _images(2)})
+    # the guided inferer conditions every UNet call on the healthy class
+    calls: list = []
+
+    def unet(x, t, class_labels=None):
+        calls.append(class_labels)
+        return torch.zeros_like(x)
+
+    GuidedDDIMInferer(
+        sched, MeanClassifier(), 50, 1.0, ddim_steps=2, healthy_index=1, class_conditional=True
+    )(_images(2), unet)
+    assert len(calls) == 4 and all(c.tolist() == [1, 1] for c in calls)
