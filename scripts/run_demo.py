@@ -71,12 +71,13 @@ def cohort_overview(cohort: Path, out_png: Path) -> Path:
     return out_png
 
 
-def run_bundles(cohort: Path, out: Path) -> list[tuple[str, str, float]]:
+def run_bundles(cohort: Path, out: Path, only: list[str] | None = None) -> list[tuple[str, str, float]]:
     """Run the demo workflow of every bundle that has a ``configs/demo.json``.
 
     Args:
         cohort: the demo cohort folder.
         out: the demo's output folder.
+        only: names of the bundles to run (default: all).
 
     Returns:
         (bundle, status, seconds) per bundle.
@@ -84,6 +85,8 @@ def run_bundles(cohort: Path, out: Path) -> list[tuple[str, str, float]]:
     results = []
     for demo in sorted((ROOT / "bundles").glob("*/configs/demo.json")):
         bundle = demo.parents[1]
+        if only and bundle.name not in only:
+            continue
         steps = json.loads(demo.read_text())["steps"]
         t0 = time.time()
         status = "ok"
@@ -117,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "outputs" / "demo"), help="output folder")
     ap.add_argument("--subjects", type=int, default=DemoConfig.subjects)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundles", nargs="+", default=None, help="run only these bundles (default: all)")
     a = ap.parse_args(argv)
     out = Path(a.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = json.loads((cohort / "manifest.json").read_text())["subjects"]
     table = collections.Counter((r["kind"], r["split"]) for r in rows)
     png = cohort_overview(cohort, out / "cohort_overview.png")
-    results = run_bundles(cohort, out)
+    results = run_bundles(cohort, out, a.bundles)
 
     lines = [
         "# meddiff-bundles demo",

@@ -423,3 +423,16 @@ def test_class_conditional_training_pieces_pass_class_labels() -> None:
         sched, MeanClassifier(), 50, 1.0, ddim_steps=2, healthy_index=1, class_conditional=True
     )(_images(2), unet)
     assert len(calls) == 4 and all(c.tolist() == [1, 1] for c in calls)
+
+
+def test_ddim_scheduler_and_training_scheduler_give_the_same_chain() -> None:
+    """The bundle samples with a DDIMScheduler built with the training DDPMScheduler's schedule: same alphas,
+    so the same reconstruction."""
+    ddpm = DDPMScheduler(num_train_timesteps=T, schedule="cosine")
+    ddim = DDIMScheduler(num_train_timesteps=T, schedule="cosine", clip_sample=True)
+    assert torch.equal(ddpm.alphas_cumprod, ddim.alphas_cumprod)
+    unet, clf = GaussianEps(ddpm), MeanClassifier()
+    x = _images(2)
+    a = GuidedDDIMInferer(ddpm, clf, 300, 2.0, ddim_steps=4).reconstruct(x, unet)["recon"]
+    b = GuidedDDIMInferer(ddim, clf, 300, 2.0, ddim_steps=4).reconstruct(x, unet)["recon"]
+    assert torch.equal(a, b)
