@@ -65,6 +65,7 @@ def test_trainings_write_models_labels_and_mlflow_runs(trained: Path) -> None:
     assert np.isfinite(diff_run.data.metrics["val_mse"])
     (clf_run,) = mlflow_runs(trained, "ddim_classifier_guidance-train_classifier")
     assert clf_run.data.params["stage"] == "classifier"
+    assert np.isfinite(clf_run.data.metrics["Loss"]) and 0.0 <= clf_run.data.metrics["train_accuracy"] <= 1.0
     # accuracy as a function of t, on every t of the validation grid
     grid = json.loads((CFG / "train_classifier.json").read_text())["val_timesteps"]
     for t in grid:
