@@ -1,5 +1,6 @@
 """What Ignite engines need beyond MONAI: tracking, checkpoints, progress, datasets of slices, diffusion
-prepare-batch and anomaly inferers, the shared anomaly evaluation, and helpers for bundle configs."""
+prepare-batch and anomaly inferers, the shared anomaly evaluation, conformal prediction sets for
+classifiers, and helpers for bundle configs."""
 
 from engines.anomaly import (
     AnomalyEvaluationHandler,
@@ -22,6 +23,14 @@ from engines.checkpoint import (
     atomic_torch_save,
     find_latest_checkpoint,
     load_checkpoint,
+)
+from engines.conformal import (
+    conformal_report,
+    conformal_sets,
+    conformal_threshold,
+    conformity_scores,
+    prediction_sets,
+    set_metrics,
 )
 from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
 from engines.diffusion import AnomalyInferer, ClassConditionalDiffusionInferer, SimplexDiffusionPrepareBatch
@@ -80,6 +89,10 @@ __all__ = [
     "check_healthy_index",
     "class_names_of",
     "class_weights",
+    "conformal_report",
+    "conformal_sets",
+    "conformal_threshold",
+    "conformity_scores",
     "default_tracking_uri",
     "demo_dataset_dir",
     "experiment_name",
@@ -98,9 +111,11 @@ __all__ = [
     "loss_from_output",
     "make_mlflow_handler",
     "parse_guided_setting",
+    "prediction_sets",
     "run_params",
     "run_tags",
     "save_class_names",
+    "set_metrics",
     "setting_key",
     "setting_name",
     "subset_by_kind",

@@ -16,6 +16,18 @@ from typing import TYPE_CHECKING, Any
 from transforms.errors import InputDataError, source_name
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real imports
+    from transforms.corruptions import (
+        CORRUPTIONS,
+        SEVERITIES,
+        Corrupt,
+        CorruptD,
+        Corruptd,
+        CorruptDict,
+        corrupt,
+        corruption_grid,
+        corruption_seed,
+        robust_max,
+    )
     from transforms.intensity import (
         MaskedZScore,
         MaskedZScoreD,
@@ -81,6 +93,16 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
 
 # public name -> submodule that defines it
 _LAZY = {
+    "CORRUPTIONS": "corruptions",
+    "SEVERITIES": "corruptions",
+    "Corrupt": "corruptions",
+    "CorruptD": "corruptions",
+    "Corruptd": "corruptions",
+    "CorruptDict": "corruptions",
+    "corrupt": "corruptions",
+    "corruption_grid": "corruptions",
+    "corruption_seed": "corruptions",
+    "robust_max": "corruptions",
     "RandSimplexNoise": "simplex",
     "RandSimplexNoiseD": "simplex",
     "RandSimplexNoised": "simplex",
@@ -143,6 +165,8 @@ _LAZY = {
 
 __all__ = [
     "AMBIGUOUS",
+    "CORRUPTIONS",
+    "SEVERITIES",
     "SLICE_META_KEYS",
     "CheckImage",
     "CheckImageD",
@@ -152,6 +176,10 @@ __all__ = [
     "CheckMaskMatchesD",
     "CheckMaskMatchesDict",
     "CheckMaskMatchesd",
+    "Corrupt",
+    "CorruptD",
+    "CorruptDict",
+    "Corruptd",
     "ForegroundMask",
     "ForegroundMaskD",
     "ForegroundMaskDict",
@@ -185,6 +213,9 @@ __all__ = [
     "VolumeToSlicesDict",
     "VolumeToSlicesd",
     "check_finite",
+    "corrupt",
+    "corruption_grid",
+    "corruption_seed",
     "count_nonfinite",
     "find_input_error",
     "foreground_fraction",
@@ -194,6 +225,7 @@ __all__ = [
     "otsu_threshold",
     "prepare_mask",
     "quantiles",
+    "robust_max",
     "simplex3",
     "simplex3_reference",
     "simplex_noise",
