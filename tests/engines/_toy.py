@@ -62,3 +62,21 @@ def record_losses(trainer: SupervisedTrainer) -> list[float]:
         losses.append(float(engine.state.output[0]["loss"]))
 
     return losses
+
+
+class GaussianEps(nn.Module):
+    """The optimal epsilon-predictor for data ``x0 ~ N(mu, sigma^2)`` i.i.d. per pixel.
+
+    ``E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a sigma^2 + 1 - a)`` with ``a = alpha_bar_t``.
+    """
+
+    def __init__(self, scheduler: Any, mu: float = 0.0, sigma: float = 0.3) -> None:
+        super().__init__()
+        self.a = scheduler.alphas_cumprod
+        self.mu, self.sigma = mu, sigma
+        self.calls: list[int] = []
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.calls.append(int(timesteps[0]))
+        a = self.a[timesteps].view(-1, *([1] * (x.ndim - 1))).to(x)
+        return (1 - a) ** 0.5 * (x - a**0.5 * self.mu) / (a * self.sigma**2 + 1 - a)
