@@ -24,6 +24,7 @@ from transforms.errors import InputDataError
 
 __all__ = [
     "PATH_KEYS",
+    "atomic_write_bytes",
     "atomic_write_text",
     "datalist_hash",
     "load_datalist",
@@ -35,15 +36,15 @@ __all__ = [
 PATH_KEYS = ("image", "label", "mask", "brain_mask", "neg_mask", "images", "views")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write text to ``path`` through a temporary file in the same folder and an atomic rename.
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes to ``path`` through a temporary file in the same folder and an atomic rename.
 
     A reader never sees a half-written file, and an existing file is replaced only once the new
     content is complete on disk.
 
     Args:
         path: destination file.
-        text: content.
+        data: content.
 
     Returns:
         The destination as a ``Path``.
@@ -52,8 +53,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,6 +63,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`).
+
+    Args:
+        path: destination file.
+        text: content.
+
+    Returns:
+        The destination as a ``Path``.
+    """
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def split_by_subject(

@@ -1,6 +1,6 @@
 """What Ignite engines need beyond MONAI: tracking, checkpoints, progress, datasets of slices, diffusion
-prepare-batch and anomaly inferers, the shared anomaly evaluation, conformal prediction sets for
-classifiers, and helpers for bundle configs."""
+prepare-batch and anomaly inferers, the shared anomaly evaluation, conformal prediction sets and
+explanation maps for classifiers, and helpers for bundle configs."""
 
 from engines.anomaly import (
     AnomalyEvaluationHandler,
@@ -24,6 +24,14 @@ from engines.checkpoint import (
     find_latest_checkpoint,
     load_checkpoint,
 )
+from engines.classification_eval import (
+    RobustnessEvaluation,
+    classification_metrics,
+    expected_calibration_error,
+    plot_robustness,
+    robustness_mlflow_metrics,
+    write_robustness_table,
+)
 from engines.conformal import (
     conformal_report,
     conformal_sets,
@@ -34,6 +42,13 @@ from engines.conformal import (
 )
 from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
 from engines.diffusion import AnomalyInferer, ClassConditionalDiffusionInferer, SimplexDiffusionPrepareBatch
+from engines.explain import (
+    explain_fixed_slices,
+    gradcam_maps,
+    occlusion_maps,
+    save_explanation_figure,
+    shap_maps,
+)
 from engines.guided import (
     GuidedChainFigureHandler,
     GuidedDDIMInferer,
@@ -45,6 +60,14 @@ from engines.guided import (
     parse_guided_setting,
     save_class_names,
     timestep_accuracy_metrics,
+)
+from engines.latent import (
+    AutoencoderKLLoss,
+    CorruptClean,
+    LatentDiffusionPrepareBatch,
+    LatentEncoder,
+    LatentPipeline,
+    sample_latents,
 )
 from engines.outputs import loss_dict_from_output, loss_from_output
 from engines.progress import ProgressBarHandler, attach_progress_bar
@@ -69,14 +92,20 @@ __all__ = [
     "AnomalyMapWriter",
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "AutoencoderKLLoss",
     "ClassConditionalDiffusionInferer",
+    "CorruptClean",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
     "HealthyThresholdHandler",
+    "LatentDiffusionPrepareBatch",
+    "LatentEncoder",
+    "LatentPipeline",
     "NoisyClassifierPrepareBatch",
     "PostProcess",
     "ProgressBarHandler",
     "ResumeCheckpointLoader",
+    "RobustnessEvaluation",
     "SimplexDiffusionPrepareBatch",
     "SliceDataset",
     "TaggedMLFlowHandler",
@@ -89,17 +118,21 @@ __all__ = [
     "check_healthy_index",
     "class_names_of",
     "class_weights",
+    "classification_metrics",
     "conformal_report",
     "conformal_sets",
     "conformal_threshold",
     "conformity_scores",
     "default_tracking_uri",
     "demo_dataset_dir",
+    "expected_calibration_error",
     "experiment_name",
+    "explain_fixed_slices",
     "find_latest_checkpoint",
     "flatten_params",
     "from_model_size",
     "git_commit",
+    "gradcam_maps",
     "guided_setting",
     "guided_settings",
     "healthy_slices_only",
@@ -110,15 +143,22 @@ __all__ = [
     "loss_dict_from_output",
     "loss_from_output",
     "make_mlflow_handler",
+    "occlusion_maps",
     "parse_guided_setting",
+    "plot_robustness",
     "prediction_sets",
+    "robustness_mlflow_metrics",
     "run_params",
     "run_tags",
+    "sample_latents",
     "save_class_names",
+    "save_explanation_figure",
     "set_metrics",
     "setting_key",
     "setting_name",
+    "shap_maps",
     "subset_by_kind",
     "timestep_accuracy_metrics",
     "to_model_size",
+    "write_robustness_table",
 ]
