@@ -24,7 +24,7 @@ image, as in the AnoDDPM code.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ __all__ = [
     "AnomalyInferer",
     "ClassConditionalDiffusionInferer",
     "SimplexDiffusionPrepareBatch",
+    "batch_class_labels",
     "ddim_reversed_step",
     "ddim_step",
     "ddim_timesteps",
@@ -137,6 +138,25 @@ class _NoiseMixin:
         )
 
 
+def batch_class_labels(batchdata: Mapping[str, Any], key: str, device: torch.device) -> torch.Tensor:
+    """The ``(B,)`` long class indices of a batch, for a class-conditional denoiser's ``class_labels``.
+
+    Args:
+        batchdata: a collated batch.
+        key: the class-index key.
+        device: where the labels go.
+
+    Returns:
+        The class indices.
+
+    Raises:
+        KeyError: naming ``key`` when the batch lacks it.
+    """
+    if key not in batchdata:
+        raise KeyError(f"batch has no {key!r} for a class-conditional denoiser; keys: {sorted(batchdata)}")
+    return torch.as_tensor(batchdata[key]).long().view(-1).to(device)
+
+
 class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
     """``prepare_batch`` for noise-prediction diffusion training with simplex noise (AnoDDPM, Wyatt et al. 2022).
 
@@ -205,11 +225,7 @@ class SimplexDiffusionPrepareBatch(_NoiseMixin, DiffusionPrepareBatch):
         """
         images, target, args, infer_kwargs = super().__call__(batchdata, device, non_blocking, **kwargs)
         if self.class_key is not None:
-            if self.class_key not in batchdata:
-                raise KeyError(f"batch has no {self.class_key!r} for class-conditional training")
-            infer_kwargs["class_labels"] = (
-                torch.as_tensor(batchdata[self.class_key]).long().view(-1).to(images.device)
-            )
+            infer_kwargs["class_labels"] = batch_class_labels(batchdata, self.class_key, images.device)
         return images, target, args, infer_kwargs
 
     def get_noise(self, images: torch.Tensor) -> torch.Tensor:

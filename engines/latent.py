@@ -25,7 +25,7 @@ from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.networks.schedulers import Scheduler
 from torch import nn
 
-from engines.diffusion import _check_epsilon, _plain, ddim_step, ddim_timesteps
+from engines.diffusion import _check_epsilon, _plain, batch_class_labels, ddim_step, ddim_timesteps
 
 __all__ = [
     "AutoencoderKLLoss",
@@ -176,11 +176,7 @@ class LatentDiffusionPrepareBatch(PrepareBatch):
         ).long()
         infer_kwargs: dict[str, torch.Tensor] = {"noise": noise, "timesteps": timesteps}
         if self.class_key is not None:
-            if self.class_key not in batchdata:
-                raise KeyError(f"batch has no {self.class_key!r} for a class-conditional latent denoiser")
-            infer_kwargs["class_labels"] = (
-                torch.as_tensor(batchdata[self.class_key]).long().view(-1).to(latents.device)
-            )
+            infer_kwargs["class_labels"] = batch_class_labels(batchdata, self.class_key, latents.device)
         return latents, noise, (), infer_kwargs
 
 
