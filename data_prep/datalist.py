@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from data_prep.atomic import atomic_write_bytes, atomic_write_text
 from transforms.errors import InputDataError
 
 __all__ = [
@@ -34,48 +34,6 @@ __all__ = [
 
 #: item keys whose values are file paths (made relative on writing, checked on loading)
 PATH_KEYS = ("image", "label", "mask", "brain_mask", "neg_mask", "images", "views")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes to ``path`` through a temporary file in the same folder and an atomic rename.
-
-    A reader never sees a half-written file, and an existing file is replaced only once the new
-    content is complete on disk.
-
-    Args:
-        path: destination file.
-        data: content.
-
-    Returns:
-        The destination as a ``Path``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text atomically (see :func:`atomic_write_bytes`).
-
-    Args:
-        path: destination file.
-        text: content.
-
-    Returns:
-        The destination as a ``Path``.
-    """
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def split_by_subject(

@@ -41,6 +41,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from data_prep.atomic import atomic_path
 from transforms.errors import InputDataError
 
 __all__ = [
@@ -478,16 +479,8 @@ def write_image_atomic(image: sitk.Image, path: str | os.PathLike, compress: boo
         The destination as a ``Path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{image_suffix(path)}")
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, compress)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path, image_suffix(path)) as tmp:
+        sitk.WriteImage(image, str(tmp), compress)
     return path
 
 

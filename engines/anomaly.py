@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
-from data_prep.datalist import atomic_write_text
+from data_prep.atomic import atomic_path, atomic_write_text
 from engines.anomaly_eval import (
     AnomalyEvaluator,
     PostProcess,
@@ -538,7 +538,8 @@ class AnomalyFigureHandler:
         fig.tight_layout()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         out = self.output_dir / f"{subject}.png"
-        fig.savefig(out, dpi=80)
+        with atomic_path(out, ".png") as tmp:
+            fig.savefig(tmp, dpi=80)
         plt.close(fig)
         self.written.append(out)
         if healthy:
@@ -621,11 +622,9 @@ class AnomalyMapWriter:
         )
         src = source_name(image.meta)
         out = self.output_dir / f"{self._name(src, len(self.written))}_{self.postfix}.nii.gz"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp.nii.gz")
         img = nib.Nifti1Image(arr, affine)
         img.header.set_xyzt_units("mm")
-        nib.save(img, tmp)
-        tmp.replace(out)
+        with atomic_path(out, ".nii.gz") as tmp:
+            nib.save(img, tmp)
         self.written.append(out)
         logger.info("anomaly map written: %s", out)

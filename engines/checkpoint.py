@@ -14,7 +14,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
 
+from data_prep.atomic import atomic_path, default_file_mode, fsync_dir
 from transforms.errors import InputDataError
 
 if TYPE_CHECKING:
@@ -47,44 +47,6 @@ logger = logging.getLogger(__name__)
 
 class UnsafeCheckpointError(InputDataError):
     """A checkpoint that needs arbitrary code (pickled classes/functions) to load; it is refused."""
-
-
-def _current_umask() -> int:
-    # /proc gives the umask without changing it; os.umask() has to set it to read it, which is a
-    # (brief) race with other threads creating files
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_file_mode() -> int:
-    """The permission bits ``open(path, "w")`` would give a new file: ``0o666 & ~umask``.
-
-    Returns:
-        The mode bits.
-    """
-    return 0o666 & ~_current_umask()
-
-
-def _fsync_dir(folder: Path) -> None:
-    # makes the rename itself durable; directories cannot be opened on Windows, nothing to do there
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def atomic_torch_save(
@@ -110,25 +72,13 @@ def atomic_torch_save(
             existing file at ``path`` is left unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # looked up at call time (not bound at import) so tests and callers can substitute torch.save
     save = torch.save if save_fn is None else save_fn
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            save(obj, f, **kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        # before the rename, so the final name never appears with 0600
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        save(obj, f, **kwargs)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
     return path
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from monai.utils.type_conversion import convert_to_tensor
 
-from data_prep.datalist import atomic_write_text
+from data_prep.atomic import atomic_path, atomic_write_text
 from engines.conformal import _check_labels, _check_probs, conformal_report
 from transforms.corruptions import SEVERITIES, corrupt, corruption_grid, corruption_seed
 
@@ -674,9 +674,6 @@ def plot_robustness(
     Raises:
         ValueError: empty rows, rows without ``model``/``corruption``/``level``, or no metric present.
     """
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
@@ -712,15 +709,9 @@ def plot_robustness(
         fig.suptitle(model)
         fig.tight_layout()
         path = out_dir / f"robustness_{_safe_name(model)}.png"
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+            with atomic_path(path, ".png") as tmp:
+                fig.savefig(tmp, dpi=100)
         finally:
             plt.close(fig)
         paths.append(path)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_prep.datalist import atomic_write_bytes
+from data_prep.atomic import atomic_write_bytes
 
 __all__ = [
     "explain_fixed_slices",

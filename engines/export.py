@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from data_prep.atomic import atomic_path
+
 __all__ = ["export_torchscript", "main"]
 
 
@@ -69,10 +71,8 @@ def export_torchscript(
         if not torch.allclose(traced(x2, t2), net(x2, t2), atol=atol):
             raise RuntimeError("the traced network does not reproduce the checkpoint's outputs")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    traced.save(str(tmp))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        traced.save(str(tmp))
     return out
 
 

@@ -38,6 +38,7 @@ from monai.inferers import Inferer
 from monai.networks.layers import median_filter
 from monai.networks.schedulers import Scheduler
 
+from data_prep.atomic import atomic_path, atomic_write_text
 from engines.diffusion import _check_epsilon, _plain, ddim_reversed_step, ddim_step, ddim_timesteps
 
 __all__ = [
@@ -615,7 +616,6 @@ def save_class_names(path: str | Path, datalist: str | Path | Mapping, healthy_i
     Raises:
         ValueError: if the index does not point at "healthy" in the datalist.
     """
-    from data_prep.datalist import atomic_write_text
 
     names = check_healthy_index(datalist, healthy_index)
     path = Path(path)
@@ -765,7 +765,8 @@ class GuidedChainFigureHandler:
         fig.suptitle(f"{subject}, slice {k}: {self._title()}", fontsize=9)
         fig.tight_layout()
         path = self.output_dir / f"chain_{subject}.png"
-        fig.savefig(path, dpi=80)
+        with atomic_path(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=80)
         plt.close(fig)
         return path
 
@@ -793,7 +794,8 @@ class GuidedChainFigureHandler:
             strip[1:5, : round(img.width * filled / max(n_enc, 1))] = 200
             images.append(Image.fromarray(np.vstack([np.asarray(img), strip])))
         path = self.output_dir / f"chain_{subject}.gif"
-        images[0].save(path, save_all=True, append_images=images[1:], duration=250, loop=0)
+        with atomic_path(path, ".gif") as tmp:
+            images[0].save(tmp, save_all=True, append_images=images[1:], duration=250, loop=0)
         return path
 
 
