@@ -40,6 +40,7 @@ __all__ = [
     "default_file_mode",
     "find_latest_checkpoint",
     "load_checkpoint",
+    "load_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,48 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
             f"checkpoint holds a {type(ckpt).__name__}, expected a dict of state dicts", path
         )
     return dict(ckpt)
+
+
+def load_weights(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    key: str = "model",
+    hint: str = "",
+) -> torch.nn.Module:
+    """Load a network's weights from a checkpoint (a final ``{key: state_dict}`` file or a bare state dict).
+
+    Args:
+        network: the network to fill (weights copied in place, strictly: every key must match).
+        path: the checkpoint.
+        map_location: where tensors are loaded.
+        key: the entry holding the state dict in a full checkpoint; a file without it is taken as the state
+            dict itself (Ignite saves a one-object checkpoint that way).
+        hint: appended to the missing-file message (e.g. which config trains this network).
+
+    Returns:
+        ``network`` in eval mode.
+
+    Raises:
+        InputDataError: naming the file: missing, unreadable, or weights that do not fit the network (another
+            architecture or class count).
+        UnsafeCheckpointError: the file carries pickled code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError("checkpoint file does not exist" + (f"; {hint}" if hint else ""), path)
+    ckpt = load_checkpoint(path, map_location)
+    state = ckpt[key] if isinstance(ckpt.get(key), Mapping) else ckpt
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise InputDataError(
+            f"weights do not fit {type(network).__name__} (another architecture, latent size or class count?): "
+            + " ".join(first[:3])[:500],
+            path,
+        ) from e
+    return network.eval()
 
 
 class ResumeCheckpointLoader(CheckpointLoader):

@@ -55,11 +55,15 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         otsu_threshold,
     )
     from transforms.pipeline import (
+        GreyscaleD,
+        Greyscaled,
+        GreyscaleDict,
         InputCheckedCompose,
         LoadVolumeD,
         LoadVolumed,
         LoadVolumeDict,
         find_input_error,
+        slice_loading_transforms,
         volume_loading_transforms,
     )
     from transforms.slicing import (
@@ -136,6 +140,10 @@ _LAZY = {
     "LoadVolumed": "pipeline",
     "LoadVolumeDict": "pipeline",
     "find_input_error": "pipeline",
+    "GreyscaleD": "pipeline",
+    "GreyscaleDict": "pipeline",
+    "Greyscaled": "pipeline",
+    "slice_loading_transforms": "pipeline",
     "volume_loading_transforms": "pipeline",
     "SLICE_META_KEYS": "slicing",
     "SlicesToVolume": "slicing",
@@ -184,6 +192,9 @@ __all__ = [
     "ForegroundMaskD",
     "ForegroundMaskDict",
     "ForegroundMaskd",
+    "GreyscaleD",
+    "GreyscaleDict",
+    "Greyscaled",
     "InputCheckedCompose",
     "InputDataError",
     "LoadVolumeD",
@@ -232,6 +243,7 @@ __all__ = [
     "simplex_noise_like",
     "slice_affine_2d",
     "slice_affine_3d",
+    "slice_loading_transforms",
     "source_name",
     "volume_loading_transforms",
 ]

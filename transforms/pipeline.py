@@ -18,7 +18,17 @@ from typing import Any
 import numpy as np
 from monai.config import DtypeLike, KeysCollection
 from monai.data.image_reader import ImageReader, PydicomReader, is_dicom_path
-from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, Spacingd
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    Resized,
+    Spacingd,
+    SpatialPadd,
+)
 from monai.utils import ensure_tuple
 
 from transforms.errors import InputDataError
@@ -26,11 +36,15 @@ from transforms.intensity import MaskedZScored, PercentileScaleIntensityd
 from transforms.validate import CheckImaged, CheckMaskMatchesd
 
 __all__ = [
+    "GreyscaleD",
+    "GreyscaleDict",
+    "Greyscaled",
     "InputCheckedCompose",
     "LoadVolumeD",
     "LoadVolumeDict",
     "LoadVolumed",
     "find_input_error",
+    "slice_loading_transforms",
     "volume_loading_transforms",
 ]
 
@@ -250,3 +264,95 @@ def volume_loading_transforms(
 
 
 LoadVolumeD = LoadVolumeDict = LoadVolumed
+
+
+class Greyscaled(MapTransform):
+    """Channel-first RGB(A) images → one grey channel (mean of R, G, B); single-channel images unchanged.
+
+    2D datasets shipped as JPEG/PNG (Kaggle brain-tumour MRI) are often stored as three identical channels;
+    MONAI has no colour-to-grey transform. The mean keeps the intensity scale of a grey image saved as RGB
+    exactly. Alpha is dropped.
+
+    Args:
+        keys: image keys.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Convert every key.
+
+        Args:
+            data: a dict with channel-first images.
+
+        Returns:
+            A shallow copy with grey images.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if img.shape[0] in (3, 4):
+                d[key] = (
+                    img[:3].mean(dim=0, keepdim=True)
+                    if hasattr(img, "dim")
+                    else img[:3].mean(0, keepdims=True)
+                )
+        return d
+
+
+GreyscaleD = GreyscaleDict = Greyscaled
+
+
+def slice_loading_transforms(
+    keys: Sequence[str] | str = ("image",),
+    image_size: int = 64,
+    normalise: bool = True,
+    *,
+    lower: float = 0.5,
+    upper: float = 99.5,
+    b_min: float = 0.0,
+    b_max: float = 1.0,
+    on_constant: str = "fill",
+    reader: ImageReader | str | None = None,
+) -> InputCheckedCompose:
+    """Transforms that load 2D slices (NIfTI, DICOM, PNG/JPEG) as checked, square, one-channel images.
+
+    Order: :class:`LoadVolumed`, ``EnsureChannelFirstd``, :class:`Greyscaled` (RGB files → one channel),
+    :class:`~transforms.validate.CheckImaged` (2D, one channel, finite), ``Resized`` (longest side to
+    ``image_size``, aspect ratio kept), ``SpatialPadd`` to ``image_size²`` with 0 (the raw background),
+    ``EnsureTyped`` (plain tensors), then optionally the percentile normalisation. Without ``normalise`` the
+    output keeps the raw, non-negative intensities, which is what :func:`transforms.corruptions.corrupt`
+    expects: robustness evaluation corrupts the raw slice and normalises afterwards.
+
+    Args:
+        keys: image keys.
+        image_size: output side length.
+        normalise: append :class:`~transforms.intensity.PercentileScaleIntensityd` (whole-image percentiles).
+        lower: lower percentile.
+        upper: upper percentile.
+        b_min: output minimum.
+        b_max: output maximum.
+        on_constant: ``"fill"`` or ``"raise"`` for constant images.
+        reader: force one reader for every file.
+
+    Returns:
+        An :class:`InputCheckedCompose`.
+
+    Raises:
+        ValueError: for ``image_size < 8``.
+    """
+    keys = tuple(ensure_tuple(keys))
+    if int(image_size) < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    size = int(image_size)
+    xforms: list[Any] = [
+        LoadVolumed(keys, reader=reader),
+        EnsureChannelFirstd(keys),
+        Greyscaled(keys),
+        CheckImaged(keys, expected_spatial_dims=2, expected_channels=1),
+        Resized(keys, spatial_size=size, size_mode="longest", mode="bilinear", anti_aliasing=True),
+        SpatialPadd(keys, spatial_size=(size, size), value=0.0),
+        EnsureTyped(keys, track_meta=False),
+    ]
+    if normalise:
+        xforms.append(PercentileScaleIntensityd(keys, lower, upper, b_min, b_max, on_constant=on_constant))
+    return InputCheckedCompose(xforms)
