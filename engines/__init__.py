@@ -41,7 +41,14 @@ from engines.conformal import (
     prediction_sets,
     set_metrics,
 )
-from engines.data import SliceDataset, class_weights, healthy_slices_only, healthy_volumes, subset_by_kind
+from engines.data import (
+    SliceDataset,
+    class_weights,
+    class_weights_from_labels,
+    healthy_slices_only,
+    healthy_volumes,
+    subset_by_kind,
+)
 from engines.diffusion import AnomalyInferer, ClassConditionalDiffusionInferer, SimplexDiffusionPrepareBatch
 from engines.explain import (
     explain_fixed_slices,
@@ -78,6 +85,16 @@ from engines.latent import (
 )
 from engines.outputs import loss_dict_from_output, loss_from_output
 from engines.progress import ProgressBarHandler, attach_progress_bar
+from engines.robust_eval import (
+    ClassifierEvaluation,
+    build_models,
+    conformal_set,
+    load_conformal,
+    load_slices,
+    predict_probabilities,
+    save_conformal,
+    slice_ids,
+)
 from engines.tracking import (
     EXPERIMENTS,
     TaggedMLFlowHandler,
@@ -101,6 +118,7 @@ __all__ = [
     "AtomicDiskSaver",
     "AutoencoderKLLoss",
     "ClassConditionalDiffusionInferer",
+    "ClassifierEvaluation",
     "CorruptClean",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
@@ -125,12 +143,15 @@ __all__ = [
     "VolumeAnomalyInferer",
     "atomic_torch_save",
     "attach_progress_bar",
+    "build_models",
     "bundle_root",
     "check_healthy_index",
     "class_names_of",
     "class_weights",
+    "class_weights_from_labels",
     "classification_metrics",
     "conformal_report",
+    "conformal_set",
     "conformal_sets",
     "conformal_threshold",
     "conformity_scores",
@@ -152,6 +173,8 @@ __all__ = [
     "intensity_baseline_map",
     "latent_scale",
     "load_checkpoint",
+    "load_conformal",
+    "load_slices",
     "load_weights",
     "loss_dict_from_output",
     "loss_from_output",
@@ -159,6 +182,7 @@ __all__ = [
     "occlusion_maps",
     "parse_guided_setting",
     "plot_robustness",
+    "predict_probabilities",
     "prediction_sets",
     "read_latent_scale",
     "robustness_mlflow_metrics",
@@ -166,11 +190,13 @@ __all__ = [
     "run_tags",
     "sample_latents",
     "save_class_names",
+    "save_conformal",
     "save_explanation_figure",
     "set_metrics",
     "setting_key",
     "setting_name",
     "shap_maps",
+    "slice_ids",
     "subset_by_kind",
     "timestep_accuracy_metrics",
     "to_model_size",

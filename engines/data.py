@@ -19,7 +19,14 @@ from monai.data import Dataset as MonaiDataset
 from monai.transforms import apply_transform
 from monai.utils import ensure_tuple
 
-__all__ = ["SliceDataset", "class_weights", "healthy_slices_only", "healthy_volumes", "subset_by_kind"]
+__all__ = [
+    "SliceDataset",
+    "class_weights",
+    "class_weights_from_labels",
+    "healthy_slices_only",
+    "healthy_volumes",
+    "subset_by_kind",
+]
 
 
 def _identity_collate(batch: list[Any]) -> list[Any]:
@@ -177,7 +184,23 @@ def class_weights(dataset: SliceDataset, num_classes: int, label_key: str = "cla
     Raises:
         ValueError: if a slice has a class index outside ``[0, C)``.
     """
-    labels = torch.tensor([int(s[label_key]) for s in dataset.slices], dtype=torch.long)
+    return class_weights_from_labels([int(s[label_key]) for s in dataset.slices], num_classes)
+
+
+def class_weights_from_labels(labels: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency class weights ``N / (C * n_c)`` of a list of class indices (see :func:`class_weights`).
+
+    Args:
+        labels: class indices, e.g. ``[d["label"] for d in datalist_items]``.
+        num_classes: number of classes ``C``.
+
+    Returns:
+        A float tensor of ``C`` weights (a class without items gets weight 0).
+
+    Raises:
+        ValueError: if an index is outside ``[0, C)``.
+    """
+    labels = torch.tensor([int(v) for v in labels], dtype=torch.long)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"class indices must be in [0, {num_classes}), got {sorted(set(labels.tolist()))}")
     counts = torch.bincount(labels, minlength=num_classes).double()

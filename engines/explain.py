@@ -24,7 +24,7 @@ import copy
 import io
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -435,6 +435,7 @@ def explain_fixed_slices(
     mask_size: int = 8,
     overlap: float = 0.5,
     explain: Literal["pred", "label"] = "pred",
+    shap_models: Collection[str] | None = None,
 ) -> list[Path]:
     """Explanation figures of every model on the same fixed slices.
 
@@ -459,6 +460,9 @@ def explain_fixed_slices(
         mask_size: occlusion patch size.
         overlap: occlusion patch overlap.
         explain: ``"pred"``: explain each model's predicted class; ``"label"``: the true class.
+        shap_models: the models that get SHAP maps (``None``: all). SHAP needs gradients with respect to the
+            input; a model with a non-differentiable stage (the hybrid pipeline's DDIM clean-up runs under
+            ``no_grad``) gets occlusion (and Grad-CAM) only.
 
     Returns:
         The written PNGs, ``<out_dir>/explanations/<model>_<id>.png``, model by model in ``ids`` order.
@@ -481,6 +485,8 @@ def explain_fixed_slices(
     layers = dict(gradcam_layers or {})
     if unknown := set(layers) - set(models):
         raise ValueError(f"gradcam_layers names unknown models: {sorted(unknown)}")
+    if shap_models is not None and (unknown := set(shap_models) - set(models)):
+        raise ValueError(f"shap_models names unknown models: {sorted(unknown)}")
     if explain not in ("pred", "label"):
         raise ValueError(f"explain must be 'pred' or 'label', got {explain!r}")
     folder = Path(out_dir) / "explanations"
@@ -491,10 +497,12 @@ def explain_fixed_slices(
         with _eval_mode(model), torch.no_grad():
             pred = model(x).argmax(1).cpu()
         target = pred if explain == "pred" else y
-        maps = {
-            "SHAP": shap_maps(model, x, background, target=target, nsamples=nsamples, seed=seed).cpu(),
-            "occlusion": occlusion_maps(model, x, mask_size=mask_size, overlap=overlap, target=target).cpu(),
-        }
+        maps = {}
+        if shap_models is None or name in shap_models:
+            maps["SHAP"] = shap_maps(model, x, background, target=target, nsamples=nsamples, seed=seed).cpu()
+        maps["occlusion"] = occlusion_maps(
+            model, x, mask_size=mask_size, overlap=overlap, target=target
+        ).cpu()
         if name in layers:
             maps["Grad-CAM"] = gradcam_maps(model, x, layers[name], target=target).cpu()
         for i, sid in enumerate(ids):

@@ -133,8 +133,9 @@ class LatentEncoder(nn.Module):
         Returns:
             Latents ``(B, latent_channels, h, w)``.
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            mu, _ = self.autoencoder.encode(_plain(x))
+        # a frozen encoder has requires_grad off on its weights, but gradients still flow to the input:
+        # SHAP and Grad-CAM of a latent pipeline need d(logit)/d(image) through the encoder
+        mu, _ = self.autoencoder.encode(_plain(x))
         return mu * self.scale
 
 
