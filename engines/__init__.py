@@ -88,6 +88,7 @@ from engines.progress import ProgressBarHandler, attach_progress_bar
 from engines.robust_eval import (
     ClassifierEvaluation,
     build_models,
+    check_trained_classes,
     conformal_set,
     load_conformal,
     load_slices,
@@ -146,6 +147,7 @@ __all__ = [
     "build_models",
     "bundle_root",
     "check_healthy_index",
+    "check_trained_classes",
     "class_names_of",
     "class_weights",
     "class_weights_from_labels",

@@ -46,13 +46,14 @@ from engines.classification_eval import (
     write_robustness_table,
 )
 from engines.conformal import SCORES, _threshold_and_sets, alpha_tag, conformal_report, prediction_sets
-from engines.explain import explain_fixed_slices
+from engines.explain import explain_fixed_slices, save_explanation_figure
 from engines.tracking import default_tracking_uri, experiment_name, run_params, run_tags
 from transforms.errors import InputDataError
 
 __all__ = [
     "ClassifierEvaluation",
     "build_models",
+    "check_trained_classes",
     "conformal_set",
     "load_conformal",
     "load_slices",
@@ -274,6 +275,38 @@ def conformal_set(probs: np.ndarray, record: Mapping[str, Any], score: str, alph
     return [[names[k] for k in np.nonzero(row)[0]] for row in sets]
 
 
+def check_trained_classes(path: str | os.PathLike, class_names: Sequence[str]) -> list[str]:
+    """Check that the models in a checkpoint folder were trained with the datalist's class order.
+
+    Args:
+        path: ``classes.json`` written beside the weights at training (``{"labels": [...]}``).
+        class_names: the class order of the datalist being evaluated.
+
+    Returns:
+        The trained class names.
+
+    Raises:
+        InputDataError: naming the file: missing (no model trained there) or another class order (the
+            probabilities' columns would be read as the wrong classes).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(
+            "no classes.json: no model was trained into this folder (see configs/train.json)", path
+        )
+    try:
+        trained = list(json.loads(path.read_text())["labels"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputDataError(f"malformed classes file ({type(e).__name__}: {e})", path) from e
+    if trained != list(class_names):
+        raise InputDataError(
+            f"the models were trained with classes {trained}, the datalist has {list(class_names)}: "
+            "evaluate with the datalist (--task) they were trained on",
+            path,
+        )
+    return trained
+
+
 def _finite(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {
         k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))
@@ -435,6 +468,9 @@ class ClassifierEvaluation:
                 shap_models=self.shap_models,
             )
 
+        if fixed:
+            figures += self._attention_figures(test_raw[fixed], test_y[fixed], fixed)
+
         for name in self.models:
             mdir = self.output_dir / name
             mdir.mkdir(parents=True, exist_ok=True)
@@ -464,6 +500,29 @@ class ClassifierEvaluation:
         if self.tracking is not None:
             self._log_mlflow()
         return self.results
+
+    def _attention_figures(self, raw: torch.Tensor, labels: np.ndarray, index: Sequence[int]) -> list[Path]:
+        """The learnt attention maps of models that have one (:class:`networks.AttentionCNN`)."""
+        written = []
+        x = self._normalised(raw)
+        for name in self.explain_models:
+            model = self.models[name]
+            if not hasattr(model, "attention_map"):
+                continue
+            with torch.no_grad():
+                logits, maps = model(x.to(self.device), return_attention=True)
+            pred = logits.argmax(1).cpu()
+            for j, i in enumerate(index):
+                sid = f"test{i:03d}_{self.class_names[labels[j]]}"
+                written.append(
+                    save_explanation_figure(
+                        self.output_dir / "explanations" / f"{name}_{sid}_attention.png",
+                        x[j, 0],
+                        {"attention": maps[j, 0].cpu()},
+                        title=f"{name} | {sid} | label {int(labels[j])}, pred {int(pred[j])}",
+                    )
+                )
+        return written
 
     # ------------------------------------------------------------------
     def _model_metrics(
