@@ -113,7 +113,7 @@ class DemoConfig:
     spacing: float = 2.0
     shape: tuple[int, int, int] = (80, 96, 80)
     n_dicom: int = 3
-    slices_per_subject: int = 6
+    slices_per_subject: int = 12
     fractions_healthy: dict[str, float] = field(
         default_factory=lambda: {"training": 0.6, "validation": 0.15, "test": 0.25}
     )

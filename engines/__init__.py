@@ -33,6 +33,7 @@ from engines.classification_eval import (
     robustness_mlflow_metrics,
     write_robustness_table,
 )
+from engines.classifier_inference import ClassifierInference
 from engines.conformal import (
     conformal_report,
     conformal_sets,
@@ -120,6 +121,7 @@ __all__ = [
     "AutoencoderKLLoss",
     "ClassConditionalDiffusionInferer",
     "ClassifierEvaluation",
+    "ClassifierInference",
     "CorruptClean",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",

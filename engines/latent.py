@@ -459,7 +459,8 @@ class LatentScaleHandler:
 
     Args:
         autoencoder: the network being trained.
-        loader: the training data (un-augmented is best, but any representative loader does).
+        loader: the training data (un-augmented is best, but any representative loader does), or a
+            zero-argument function returning it (built only when the scale is computed).
         path: the JSON file (written atomically): ``{"scale": s, "latent_std": 1 / s}``.
         device: where to encode.
         max_batches: see :func:`latent_scale`.
@@ -468,7 +469,7 @@ class LatentScaleHandler:
     def __init__(
         self,
         autoencoder: nn.Module,
-        loader: Iterable[Any],
+        loader: Iterable[Any] | Callable[[], Iterable[Any]],
         path: str | os.PathLike,
         device: torch.device | str = "cpu",
         max_batches: int | None = 50,
@@ -490,7 +491,10 @@ class LatentScaleHandler:
         Args:
             engine: the trainer.
         """
-        scale = latent_scale(self.autoencoder, self.loader, self.device, max_batches=self.max_batches)
+        loader = (
+            self.loader() if callable(self.loader) and not isinstance(self.loader, Iterable) else self.loader
+        )
+        scale = latent_scale(self.autoencoder, loader, self.device, max_batches=self.max_batches)
         atomic_write_text(self.path, json.dumps({"scale": scale, "latent_std": 1.0 / scale}, indent=2) + "\n")
         logger.info("latent scale %.4f written to %s", scale, self.path)
 
