@@ -226,3 +226,37 @@ def test_bad_options() -> None:
         volume_loading_transforms(normalise="minmax")
     with pytest.raises(ValueError, match="normalise_mask_key"):
         volume_loading_transforms(normalise_mask_key="brain")
+
+
+def test_slice_loading_keeps_aspect_pads_with_zero_and_greys_rgb(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from transforms import Greyscaled, slice_loading_transforms
+
+    img = np.zeros((40, 20), np.float32)
+    img[:, :] = 50.0
+    img[10:20, 5:15] = 200.0
+    nib.save(nib.Nifti1Image(img, np.eye(4)), tmp_path / "s.nii.gz")
+    raw = slice_loading_transforms(image_size=32, normalise=False)({"image": str(tmp_path / "s.nii.gz")})[
+        "image"
+    ]
+    assert raw.shape == (1, 32, 32) and isinstance(raw, torch.Tensor)
+    # longest side 40 -> 32, the other 20 -> 16, centred: 8 zero columns either side, raw intensities kept
+    assert float(raw[0, :, :8].abs().max()) == 0.0 and float(raw[0, :, 24:].abs().max()) == 0.0
+    assert float(raw[0, 2:6, 10:22].mean()) == pytest.approx(50.0, abs=1.0) and float(raw.max()) > 150
+    norm = slice_loading_transforms(image_size=32)({"image": str(tmp_path / "s.nii.gz")})["image"]
+    assert float(norm.min()) == 0.0 and float(norm.max()) == 1.0
+    # an RGB PNG of a grey picture: one channel equal to the grey values
+    grey = (np.arange(64 * 64) % 251).reshape(64, 64).astype(np.uint8)
+    Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(tmp_path / "rgb.png")
+    out = slice_loading_transforms(image_size=64, normalise=False)({"image": str(tmp_path / "rgb.png")})[
+        "image"
+    ]
+    assert out.shape == (1, 64, 64) and sorted(np.unique(out.numpy().round()).tolist()) == list(range(251))
+    assert Greyscaled("image")({"image": torch.ones(1, 4, 4)})["image"].shape == (1, 4, 4)
+    # a volume is not a slice: the error names the file
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    with pytest.raises(InputDataError, match=r"v\.nii\.gz"):
+        slice_loading_transforms()({"image": str(tmp_path / "v.nii.gz")})
+    with pytest.raises(ValueError, match="image_size"):
+        slice_loading_transforms(image_size=4)

@@ -1,0 +1,263 @@
+"""latent_robust_classifier end to end, tiny, from its real JSON configs through ``python -m monai.bundle run``.
+
+A module-scoped fixture trains every model of one task (``smoke.json``: 16 slices per split, 32² slices, one
+epoch) in dependency order: autoencoder, latent DDPM, then the classifiers (and one head with diffusion
+augmentation); binary and 4-class each get one. Evaluation, inference and the checks read those outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
+
+CFG = ROOT / "bundles" / "latent_robust_classifier" / "configs"
+CLASSIFIERS = ("cnn", "attention_cnn", "resnet50", "latent_mlp", "latent_resnet", "noise_aware", "hybrid")
+ALL_MODELS = ("autoencoder", "latent_ddpm", *CLASSIFIERS)
+EVALUATED = [*CLASSIFIERS, "latent_resnet_aug"]
+EXPERIMENT = "tumour-classification"
+
+
+def _args(demo: Path, work: Path, task: str) -> list[str]:
+    return [*common_args(demo, work), "--task", task]
+
+
+def _train_all(demo: Path, work: Path, task: str) -> None:
+    for model in ALL_MODELS:
+        run_bundle(CFG, ["train.json", f"train_{model}.json", "smoke.json"], work, *_args(demo, work, task))
+    run_bundle(
+        CFG,
+        ["train.json", "train_latent_resnet.json", "smoke.json"],
+        work,
+        *_args(demo, work, task),
+        "--diffusion_augmentation",
+        "true",
+    )
+
+
+@pytest.fixture(scope="module")
+def binary(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("lrc_binary")
+    _train_all(demo_cohort, work, "binary")
+    run_bundle(
+        CFG,
+        ["train.json", "evaluate.json", "smoke.json"],
+        work,
+        *_args(demo_cohort, work, "binary"),
+        "--models",
+        json.dumps(EVALUATED),
+    )
+    return work
+
+
+@pytest.fixture(scope="module")
+def multiclass(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("lrc_multiclass")
+    _train_all(demo_cohort, work, "multiclass")
+    return work
+
+
+def _parser(demo: Path, work: Path, configs: list[str], task: str = "binary"):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CFG / c) for c in configs])
+    parser["bundle_root"] = str(CFG.parent)
+    parser["dataset_dir"] = str(demo)
+    parser["ckpt_dir"] = str(work / "models")
+    parser["task"] = task
+    parser["device"] = torch.device("cpu")
+    return parser
+
+
+@pytest.mark.parametrize("task, classes", [("binary", 2), ("multiclass", 4)])
+def test_every_model_trains_for_both_tasks(
+    task: str, classes: int, request: pytest.FixtureRequest, demo_cohort: Path
+) -> None:
+    from engines import load_checkpoint
+
+    work = request.getfixturevalue(task)
+    models = work / "models"
+    for name in (*ALL_MODELS, "latent_resnet_aug"):
+        sd = load_checkpoint(models / f"{name}.pt")
+        assert any(k.endswith("weight") for k in sd), name
+        full = sorted(models.glob(f"{name}_checkpoint_epoch=*.pt"))
+        assert full and {"model", "optimizer", "lr_scheduler", "trainer"} <= set(load_checkpoint(full[-1]))
+    names = json.loads((models / "classes.json").read_text())["labels"]
+    assert len(names) == classes and names[0] == "healthy"
+    scale = json.loads((models / "latent_scale.json").read_text())
+    assert scale["scale"] > 0 and math.isclose(scale["scale"] * scale["latent_std"], 1.0)
+    # the classifiers' output layer has one unit per class
+    for name in CLASSIFIERS:
+        sd = load_checkpoint(models / f"{name}.pt")
+        bias = [v for k, v in sd.items() if k.endswith("bias") and v.ndim == 1]
+        assert bias[-1].numel() == classes, name
+    # one MLflow run per training, tagged with model and task, with validation metrics
+    for name in ("cnn", "hybrid", "latent_ddpm"):
+        runs = mlflow_runs(work, f"latent_robust_classifier-{task}-train_{name}", EXPERIMENT)
+        assert len(runs) == 1
+        run = runs[0]
+        assert run.data.tags["model"] == name and run.data.tags["classification_task"] == task
+        key = "val_mse" if name == "latent_ddpm" else "val_accuracy"
+        assert key in run.data.metrics
+
+
+def test_evaluation_tables_conformal_and_mlflow(binary: Path) -> None:
+    ev = binary / "eval"
+    rows = (ev / "robustness.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    body = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    # 8 models x (clean + 5 corruptions x 3 levels)
+    assert len(body) == len(EVALUATED) * (1 + 5 * 3)
+    kinds = {r["corruption"] for r in body}
+    assert kinds == {"clean", "gaussian", "rician", "bias_field", "gibbs", "motion"}
+    # identical corrupted inputs for every model: one hash per (corruption, level)
+    by_setting: dict[tuple[str, str], set[str]] = {}
+    for r in body:
+        by_setting.setdefault((r["corruption"], r["level"]), set()).add(r["input_hash"])
+    assert all(len(h) == 1 for h in by_setting.values())
+    for model in EVALUATED:
+        assert (ev / f"robustness_{model}.png").stat().st_size > 1000
+        assert (ev / model / "robustness.md").is_file()
+        report = json.loads((ev / model / "conformal_clean.json").read_text())
+        for score in ("lac", "aps", "raps"):
+            for alpha in ("0.1", "0.05"):
+                for metric in (
+                    "coverage",
+                    "mean_set_size",
+                    "empty_set_rate",
+                    "coverage/class_0",
+                    "coverage/class_1",
+                ):
+                    assert f"{score}/alpha{alpha}/{metric}" in report
+        # APS and RAPS sets are never empty (the crossing class is always included)
+        assert report["aps/alpha0.1/empty_set_rate"] == 0.0
+        thresholds = json.loads((binary / "models" / f"conformal_{model}.json").read_text())
+        assert set(thresholds["thresholds"]) == {"lac", "aps", "raps"}
+    # explanation figures for the fixed test slices, attention maps for the attention CNN
+    figs = sorted(p.name for p in (ev / "explanations").glob("*.png"))
+    for model in EVALUATED:
+        assert any(f.startswith(f"{model}_test") and "attention" not in f for f in figs), model
+    assert any(f.startswith("attention_cnn_") and f.endswith("_attention.png") for f in figs)
+
+    # MLflow: a comparison run and one child per model with the same metric names
+    from mlflow.tracking import MlflowClient
+
+    parent = mlflow_runs(binary, "latent_robust_classifier-binary-evaluate", EXPERIMENT)
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{binary / 'mlruns.db'}")
+    arts = {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    assert {"robustness.csv", "robustness.md", "summary.md", "plots"} <= arts
+    children = client.search_runs(
+        [parent[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent[0].info.run_id}'"
+    )
+    assert sorted(r.data.tags["model"] for r in children) == sorted(EVALUATED)
+    keys = [set(r.data.metrics) for r in children]
+    common = set.intersection(*keys)
+    for k in ("accuracy", "macro_f1", "auroc", "ece", "corrupted/accuracy", "gaussian/level3/accuracy",
+              "conformal/raps/alpha0.05/coverage", "motion/level2/conformal/aps/alpha0.1/coverage"):  # fmt: skip
+        assert k in common, k
+    child = next(r for r in children if r.data.tags["model"] == "cnn")
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(child.info.run_id))
+
+
+def test_shap_maps_of_the_trained_image_models_have_the_input_shape(binary: Path, demo_cohort: Path) -> None:
+    from engines import shap_maps
+
+    parser = _parser(demo_cohort, binary, ["train.json", "evaluate.json", "smoke.json"])
+    factories = parser.get_parsed_content("eval_factories")
+    x = torch.rand(2, 1, 32, 32)
+    background = torch.rand(4, 1, 32, 32)
+    for name in ("cnn", "attention_cnn", "resnet50", "latent_resnet"):
+        maps = shap_maps(factories[name](), x, background, nsamples=4)
+        assert maps.shape == x.shape, name
+        assert torch.isfinite(maps).all() and maps.abs().sum() > 0, name
+
+
+def test_evaluate_refuses_models_trained_with_another_class_order(binary: Path, demo_cohort: Path) -> None:
+    with pytest.raises(AssertionError, match="trained with classes"):
+        run_bundle(
+            CFG, ["train.json", "evaluate.json", "smoke.json"], binary, *_args(demo_cohort, binary, "multiclass"),
+            "--models", "['cnn']",
+        )  # fmt: skip
+
+
+def test_evaluate_names_the_missing_checkpoint(multiclass: Path, demo_cohort: Path) -> None:
+    with pytest.raises(
+        AssertionError, match=r"hybrid_aug\.pt.*train_hybrid\.json and --diffusion_augmentation"
+    ):
+        run_bundle(
+            CFG, ["train.json", "evaluate.json", "smoke.json"], multiclass,
+            *_args(demo_cohort, multiclass, "multiclass"), "--models", "['cnn', 'hybrid_aug']",
+        )  # fmt: skip
+
+
+def test_inference_on_a_slice_and_a_volume(binary: Path, demo_cohort: Path) -> None:
+    out = binary / "inference"
+    slice_file = sorted((demo_cohort / "slices").glob("*.nii.gz"))[0]
+    volume = demo_cohort / "subjects" / "sub-002" / "sub-002_T1w.nii.gz"
+    run_bundle(
+        CFG, ["train.json", "evaluate.json", "inference.json", "smoke.json"], binary,
+        *_args(demo_cohort, binary, "binary"), "--output_dir", str(out),
+        "--input", json.dumps([str(slice_file), str(volume)]), "--model", "hybrid",
+    )  # fmt: skip
+    one = json.loads((out / f"{slice_file.name.removesuffix('.nii.gz')}_classes.json").read_text())
+    assert one["model"] == "hybrid" and one["class_names"] == ["healthy", "tumour"]
+    (s,) = one["slices"]
+    assert s["slice_index"] is None and s["predicted_class"] in ("healthy", "tumour")
+    assert math.isclose(sum(s["probabilities"].values()), 1.0, abs_tol=1e-4)
+    assert s["conformal_set"] and set(s["conformal_set"]) <= {"healthy", "tumour"}
+    vol = json.loads((out / "sub-002_T1w_classes.json").read_text())
+    n = vol["summary"]["n_slices"]
+    assert 10 < n < 80 and len(vol["slices"]) == n  # only slices with enough brain, not all 80
+    assert sum(vol["summary"]["slices_per_class"].values()) == n
+    idx = [s["slice_index"] for s in vol["slices"]]
+    assert idx == sorted(idx) and all(isinstance(i, int) for i in idx)
+
+
+def test_diffusion_augmentation_draws_class_conditional_latents(multiclass: Path, demo_cohort: Path) -> None:
+    parser = _parser(
+        demo_cohort, multiclass, ["train.json", "train_latent_resnet.json", "smoke.json"], "multiclass"
+    )
+    parser["diffusion_augmentation"] = True
+    bank = parser.get_parsed_content("synthetic_latents")
+    assert bank.latents.shape == (4 * 4, 4, 8, 8)  # smoke: 4 per class, 4 classes, 8x8 latents of 32² slices
+    assert torch.equal(bank.labels, torch.arange(4).repeat_interleave(4))
+    prep = parser.get_parsed_content("latent_prepare_batch")
+    batch = {"image": torch.rand(3, 1, 32, 32), "label": torch.tensor([0, 1, 2])}
+    z, y = prep(batch, torch.device("cpu"))
+    assert z.shape == (3 + 2, 4, 8, 8) and y[:3].tolist() == [0, 1, 2]
+    assert parser.get_parsed_content("model_name") == "latent_resnet_aug"
+
+
+def test_torchrun_two_processes(demo_cohort: Path, tmp_path: Path) -> None:
+    work = tmp_path
+    for model in ("autoencoder", "hybrid"):
+        run_bundle(
+            CFG, ["train.json", f"train_{model}.json", "smoke.json", "multi_gpu_train.json"], work,
+            *_args(demo_cohort, work, "binary"), torchrun=2, port=29547,
+        )  # fmt: skip
+    for name in ("autoencoder.pt", "latent_scale.json", "hybrid.pt", "classes.json"):
+        assert (work / "models" / name).is_file(), name
+    # rank 0 alone logs: one run per training
+    assert len(mlflow_runs(work, "latent_robust_classifier-binary-train_hybrid", EXPERIMENT)) == 1
+
+
+def test_verify_metadata(tmp_path: Path) -> None:
+    if not SHARED_SCHEMA.is_file():
+        pytest.skip("../shared/monai schema not present (a user's clone)")
+    proc = verify_metadata(CFG / "metadata.json", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_configs_share_train_json_through_overrides() -> None:
+    train = json.loads((CFG / "train.json").read_text())
+    for model in ALL_MODELS:
+        cfg = json.loads((CFG / f"train_{model}.json").read_text())
+        assert len(cfg) < len(train) / 3, f"train_{model}.json looks like a copy of train.json"
+        assert cfg.get("model", "cnn") == model or model == "cnn"
