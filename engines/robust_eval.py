@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -535,11 +536,12 @@ class ClassifierEvaluation:
                 {
                     m: v
                     for m, v in clean.items()
-                    if m not in ("model", "corruption", "level", "input_hash")
+                    if m not in ("model", "corruption", "level", "severity", "n", "input_hash")
                     and not m.startswith("conformal/")
                 }
             )
         )
+        out["n_test"], out["n_calibration"] = float(report["n_test"]), float(report["n_calibration"])
         for key, value in report.items():
             if key not in ("n_calibration", "n_test"):
                 out[f"conformal/{key}"] = value
@@ -615,7 +617,7 @@ class ClassifierEvaluation:
             extra_params: Mapping[str, str],
             tags: Mapping[str, str],
         ):
-            ts = 0
+            ts = int(time.time() * 1000)
             ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
             ps = [Param(k, str(v)) for k, v in {**params, **extra_params}.items()]
             tg = [RunTag(k, str(v)) for k, v in tags.items()]
