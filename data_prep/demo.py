@@ -35,8 +35,12 @@ Outputs (paths relative to ``--out``)::
     datalists/studies.json                                    multi-view studies, multi-label findings
     datalists/dicom.json                                      the DICOM subjects (inference/tests)
 
-All subjects are synthetic: no patient data is involved. The subject split is global (one split for
-all tasks), stratified by kind, so no subject appears in two sections of any datalist.
+All subjects are synthetic: no patient data is involved. The subject split is stratified by kind, so
+no subject appears in two sections of any datalist. It is one split for the anomaly and study datalists
+(their test split holds more pathological subjects); the classification datalists have their own split
+with the *same* fractions for every kind, so their validation split (the conformal calibration split of
+the classifiers) and test split have the same class proportions in expectation: split-conformal
+coverage assumes calibration and test data are exchangeable.
 
 Usage::
 
@@ -91,7 +95,7 @@ FINDINGS = (
     "strong_bias_field",
 )
 CONTRASTS = ("T1w", "FLAIR")
-_VERSION = "3"  # bump when the generator changes, so cached cohorts are rebuilt
+_VERSION = "4"  # bump when the generator changes, so cached cohorts are rebuilt
 
 
 @dataclass
@@ -106,6 +110,9 @@ class DemoConfig:
         shape: output grid (voxels), centred on the brain.
         n_dicom: number of test subjects also written as DICOM series.
         slices_per_subject: axial slices per subject in the classification datalists.
+        fractions_healthy: split fractions of the healthy subjects (anomaly and study datalists).
+        fractions_pathological: split fractions of the pathological subjects (idem).
+        fractions_classification: split fractions of every kind in the classification datalists.
     """
 
     subjects: int = 64
@@ -116,6 +123,9 @@ class DemoConfig:
     slices_per_subject: int = 12
     fractions_healthy: dict[str, float] = field(
         default_factory=lambda: {"training": 0.6, "validation": 0.15, "test": 0.25}
+    )
+    fractions_classification: dict[str, float] = field(
+        default_factory=lambda: {"training": 0.5, "validation": 0.25, "test": 0.25}
     )
     fractions_pathological: dict[str, float] = field(
         default_factory=lambda: {"training": 0.5, "validation": 0.15, "test": 0.35}
@@ -574,6 +584,9 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
         members = [s for s in sids if (kind_of[s] == "healthy") == (group == "healthy")]
         parts = split_by_subject(members, fr, seed=cfg.seed, strata={s: kind_of[s] for s in members})
         split_of.update({s: p for p, ss in parts.items() for s in ss})
+    # the classification split: one set of fractions for every kind (see module docstring)
+    cls_parts = split_by_subject(sids, cfg.fractions_classification, seed=cfg.seed, strata=kind_of)
+    cls_split_of = {s: p for p, ss in cls_parts.items() for s in ss}
     test_sids = [s for s in sids if split_of[s] == "test"]
     dicom_sids = (
         [s for s in test_sids if kind_of[s] == "healthy"][:1]
@@ -623,14 +636,16 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
             )
             frac = float(_take(s.lesion, 2, z).sum()) / max(1, int(_take(s.brain, 2, z).sum()))
             base = {"image": p, "subject": sid, "slice_index": z, "lesion_fraction": round(frac, 4)}
-            cls_bin[split].append(
+            cls_bin[cls_split_of[sid]].append(
                 {
                     **base,
                     "label": int(s.kind != "healthy"),
                     "class_name": "healthy" if s.kind == "healthy" else "tumour",
                 }
             )
-            cls_multi[split].append({**base, "label": CLASSES.index(s.kind), "class_name": s.kind})
+            cls_multi[cls_split_of[sid]].append(
+                {**base, "label": CLASSES.index(s.kind), "class_name": s.kind}
+            )
 
         # multi-view study: planes through the lesion centre (or a central brain point)
         rng = np.random.default_rng([cfg.seed, i, 7])
@@ -693,6 +708,7 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
                 "subject": sid,
                 "kind": s.kind,
                 "split": split,
+                "classification_split": cls_split_of[sid],
                 "findings": ";".join(f for f, v in zip(FINDINGS, _findings(s), strict=True) if v),
                 "dicom": sid in dicom_sids,
                 **s.info,

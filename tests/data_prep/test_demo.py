@@ -65,9 +65,22 @@ def test_datalists_paths_exist_and_no_subject_in_two_splits(demo_cohort: Path, n
             assert owner.setdefault(it["subject"], sec) == sec, (
                 f"{it['subject']} in {owner[it['subject']]} and {sec}"
             )
-    # the global split: a subject's section is the same in every datalist
-    split = {r["subject"]: r["split"] for r in _manifest(demo_cohort)}
+    # one split for the anomaly and study datalists, one for the classification datalists (manifest columns)
+    column = "classification_split" if name.startswith("classification") else "split"
+    split = {r["subject"]: r[column] for r in _manifest(demo_cohort)}
     assert all(split[s] == sec for s, sec in owner.items())
+
+
+def test_classification_validation_and_test_splits_have_the_same_kinds(demo_cohort: Path) -> None:
+    """The classifiers' conformal calibration split (validation) must be exchangeable with the test split:
+    the same number of subjects of every kind in both, up to the rounding of a kind's share (one subject)."""
+    rows = _manifest(demo_cohort)
+    for kind in ("healthy", *KINDS):
+        n = [
+            sum(r["kind"] == kind and r["classification_split"] == sec for r in rows)
+            for sec in ("validation", "test")
+        ]
+        assert min(n) >= 2 and abs(n[0] - n[1]) <= 1, (kind, n)
 
 
 def test_anomaly_datalist_content(demo_cohort: Path) -> None:
