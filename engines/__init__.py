@@ -14,7 +14,7 @@ from engines.anomaly import (
     to_model_size,
 )
 from engines.anomaly_eval import AnomalyEvaluator, PostProcess, healthy_thresholds, intensity_baseline_map
-from engines.bundle import TimeBudget, bundle_root, demo_dataset_dir
+from engines.bundle import BudgetCosineLR, TimeBudget, bundle_root, demo_dataset_dir, lr_schedule_handler
 from engines.checkpoint import (
     AtomicCheckpointSaver,
     AtomicDiskSaver,
@@ -119,6 +119,7 @@ __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
     "AutoencoderKLLoss",
+    "BudgetCosineLR",
     "ClassConditionalDiffusionInferer",
     "ClassifierEvaluation",
     "ClassifierInference",
@@ -182,6 +183,7 @@ __all__ = [
     "load_weights",
     "loss_dict_from_output",
     "loss_from_output",
+    "lr_schedule_handler",
     "make_mlflow_handler",
     "occlusion_maps",
     "parse_guided_setting",

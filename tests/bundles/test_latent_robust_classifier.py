@@ -225,7 +225,7 @@ def test_diffusion_augmentation_draws_class_conditional_latents(multiclass: Path
         demo_cohort, multiclass, ["train.json", "train_latent_resnet.json", "smoke.json"], "multiclass"
     )
     parser["diffusion_augmentation"] = True
-    bank = parser.get_parsed_content("synthetic_latents")
+    bank = parser.get_parsed_content("synthetic_latents")()
     assert bank.latents.shape == (4 * 4, 4, 8, 8)  # smoke: 4 per class, 4 classes, 8x8 latents of 32² slices
     assert torch.equal(bank.labels, torch.arange(4).repeat_interleave(4))
     prep = parser.get_parsed_content("latent_prepare_batch")
@@ -233,6 +233,20 @@ def test_diffusion_augmentation_draws_class_conditional_latents(multiclass: Path
     z, y = prep(batch, torch.device("cpu"))
     assert z.shape == (3 + 2, 4, 8, 8) and y[:3].tolist() == [0, 1, 2]
     assert parser.get_parsed_content("model_name") == "latent_resnet_aug"
+
+
+def test_latent_heads_train_without_the_latent_ddpm(binary: Path, demo_cohort: Path, tmp_path: Path) -> None:
+    """Only the hybrid and augmentation need the latent DDPM: a plain latent head trains without it."""
+    import shutil
+
+    work = tmp_path
+    (work / "models").mkdir()
+    for name in ("autoencoder.pt", "latent_scale.json"):
+        shutil.copy(binary / "models" / name, work / "models" / name)
+    run_bundle(
+        CFG, ["train.json", "train_latent_mlp.json", "smoke.json"], work, *_args(demo_cohort, work, "binary")
+    )
+    assert (work / "models" / "latent_mlp.pt").is_file() and not (work / "models" / "latent_ddpm.pt").exists()
 
 
 def test_torchrun_two_processes(demo_cohort: Path, tmp_path: Path) -> None:
