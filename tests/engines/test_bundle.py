@@ -1,0 +1,56 @@
+"""Time-budget helpers of bundle configs: TimeBudget stops a run, BudgetCosineLR anneals over the budget."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+
+import engines.bundle as bundle
+from engines.bundle import BudgetCosineLR, TimeBudget, lr_schedule_handler
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_cosine_lr_follows_the_clock_and_time_budget_stops(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(bundle.time, "monotonic", clock)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = BudgetCosineLR(opt, minutes=1.0, warmup_iterations=2, min_lr_ratio=0.1)
+    seen: list[float] = []
+
+    def step(engine: Engine, _: object) -> None:
+        seen.append(opt.param_groups[0]["lr"])
+        clock.now += 15.0  # every iteration takes a quarter of the budget
+
+    engine = Engine(step)
+    sched.attach(engine)
+    TimeBudget(1.0).attach(engine)
+    engine.run(range(100), max_epochs=1)
+    # progress 0, 0.25, 0.5, 0.75, 1.0 (the budget is spent after the 5th iteration); warm-up halves the first
+    expected = [0.1 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))) for p in (0, 0.25, 0.5, 0.75, 1.0)]
+    expected[0] *= 0.5
+    assert seen == pytest.approx(expected)
+    assert seen[-1] == pytest.approx(0.01), "the run ends at min_lr_ratio x the peak"
+
+
+def test_lr_schedule_handler_picks_by_budget() -> None:
+    from monai.handlers import LrScheduleHandler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    steps = torch.optim.lr_scheduler.StepLR(opt, 1)
+    assert isinstance(lr_schedule_handler(steps, opt, 2.0), BudgetCosineLR)
+    assert isinstance(lr_schedule_handler(steps, opt, 0), LrScheduleHandler)
+    assert isinstance(lr_schedule_handler(steps, opt, None), LrScheduleHandler)
+    with pytest.raises(ValueError, match="minutes"):
+        BudgetCosineLR(opt, 0)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        BudgetCosineLR(opt, 1, min_lr_ratio=2)
