@@ -134,7 +134,8 @@ class BudgetCosineLR:
     :class:`TimeBudget`, so all ranks step with the same rate.
 
     Args:
-        optimizer: the optimizer; each group's ``lr`` at start is its peak rate.
+        optimizer: the optimizer; each group's ``initial_lr`` (set by a torch LR scheduler) or else its ``lr`` at
+            start is its peak rate.
         minutes: the budget (> 0).
         warmup_iterations: iterations of linear warm-up from 0.
         min_lr_ratio: the rate at the end of the budget, as a fraction of the peak.
@@ -173,7 +174,9 @@ class BudgetCosineLR:
 
     def _started(self, engine: Any) -> None:
         self._start = time.monotonic()
-        self._peaks = [float(g["lr"]) for g in self.optimizer.param_groups]
+        # a torch LR scheduler built on the same optimizer (kept for the epoch-based mode and the checkpoint) has
+        # already set lr to its own step-0 value (0 for a warm-up); its "initial_lr" is the configured peak
+        self._peaks = [float(g.get("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
         self._iter = 0
 
     def factor(self, progress: float, iteration: int) -> float:

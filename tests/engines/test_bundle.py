@@ -42,6 +42,23 @@ def test_budget_cosine_lr_follows_the_clock_and_time_budget_stops(monkeypatch: p
     assert seen[-1] == pytest.approx(0.01), "the run ends at min_lr_ratio x the peak"
 
 
+def test_peak_is_the_configured_rate_beside_a_warmup_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MONAI warm-up scheduler built on the same optimizer sets lr to 0 at construction; the peak must not be
+    read from there (it was: every run then trained at lr 0)."""
+    from monai.optimizers import WarmupCosineSchedule
+
+    clock = Clock()
+    monkeypatch.setattr(bundle.time, "monotonic", clock)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    WarmupCosineSchedule(opt, warmup_steps=10, t_total=100)
+    assert opt.param_groups[0]["lr"] == 0.0
+    sched = BudgetCosineLR(opt, minutes=1.0)
+    engine = Engine(lambda e, b: None)
+    sched.attach(engine)
+    engine.run([0], max_epochs=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 def test_lr_schedule_handler_picks_by_budget() -> None:
     from monai.handlers import LrScheduleHandler
 
