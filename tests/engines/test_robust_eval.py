@@ -102,8 +102,8 @@ def test_clean_metrics_tables_conformal_and_figures(evaluation: ClassifierEvalua
     assert const["recall/class_0"] == 1.0 and const["recall/class_1"] == 0.0
     # conformal sets (exact known answers are in test_conformal.py): LAC sets of the sure, right oracle hold at
     # most its one class; the constant model needs both classes in every APS set to cover the tumour slices
-    for score in ("lac", "aps"):
-        for alpha in (0.1, 0.2):
+    for alpha in (0.1, 0.2):
+        for score in ("lac", "aps"):
             assert oracle[f"conformal/{score}/alpha{alpha}/coverage"] >= 1 - alpha - 0.1
         assert oracle[f"conformal/lac/alpha{alpha}/mean_set_size"] <= 1.0
     assert const["conformal/aps/alpha0.1/mean_set_size"] == 2.0
