@@ -26,7 +26,7 @@ Outputs (paths relative to ``--out``)::
 
     subjects/<sub>/<sub>_{T1w,FLAIR,brainmask,lesion}.nii.gz   3D volumes (lesion: all zero if healthy)
     slices/<sub>_z<k>_T1w.nii.gz                              2D axial slices for classification
-    views/<sub>_<plane>_<contrast>.nii.gz                     2D views of the multi-view studies
+    views/<sub>_study<k>_<plane>_<contrast>.nii.gz            2D views of the multi-view studies
     dicom/<sub>_T1w/IM*.dcm                                   DICOM series of a few subjects
     manifest.csv, manifest.json                               subjects, kinds, lesion volumes, params
     datalists/anomaly_{t1w,flair}.json                        healthy train/val, test with masks+kinds
@@ -95,7 +95,7 @@ FINDINGS = (
     "strong_bias_field",
 )
 CONTRASTS = ("T1w", "FLAIR")
-_VERSION = "4"  # bump when the generator changes, so cached cohorts are rebuilt
+_VERSION = "5"  # bump when the generator changes, so cached cohorts are rebuilt
 
 
 @dataclass
@@ -110,6 +110,8 @@ class DemoConfig:
         shape: output grid (voxels), centred on the brain.
         n_dicom: number of test subjects also written as DICOM series.
         slices_per_subject: axial slices per subject in the classification datalists.
+        studies_per_subject: multi-view studies per subject (``studies.json``), each with its own view
+            count, views and plane positions (like repeated visits: same findings, other images).
         fractions_healthy: split fractions of the healthy subjects (anomaly and study datalists).
         fractions_pathological: split fractions of the pathological subjects (idem).
         fractions_classification: split fractions of every kind in the classification datalists.
@@ -121,6 +123,7 @@ class DemoConfig:
     shape: tuple[int, int, int] = (80, 96, 80)
     n_dicom: int = 3
     slices_per_subject: int = 12
+    studies_per_subject: int = 3
     fractions_healthy: dict[str, float] = field(
         default_factory=lambda: {"training": 0.6, "validation": 0.15, "test": 0.25}
     )
@@ -647,7 +650,9 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
                 {**base, "label": CLASSES.index(s.kind), "class_name": s.kind}
             )
 
-        # multi-view study: planes through the lesion centre (or a central brain point)
+        # multi-view studies: planes through the lesion centre (or a central brain point), moved per study so
+        # that the studies of one subject show other images of the same findings: by up to 1 voxel (2 mm)
+        # through a lesion, so that the smallest (pituitary, 3.5 mm radius) stays in every view; 3 otherwise
         rng = np.random.default_rng([cfg.seed, i, 7])
         if s.info["lesion_centre_vox"] is not None:
             p0 = np.asarray(s.info["lesion_centre_vox"])
@@ -657,29 +662,33 @@ def _build_into(root: Path, cfg: DemoConfig, verbose: bool) -> None:
         candidates = [
             (plane, ax, c) for plane, ax in (("axial", 2), ("coronal", 1), ("sagittal", 0)) for c in CONTRASTS
         ]
-        n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.1, 0.25, 0.3, 0.2, 0.15]))
-        chosen = sorted(rng.choice(len(candidates), size=n_views, replace=False).tolist())
-        views, names = [], []
-        for j in chosen:
-            plane, ax, c = candidates[j]
-            vol = s.t1w if c == "T1w" else s.flair
-            views.append(
-                _save(
-                    _take(vol, ax, int(p0[ax])),
-                    _slice_affine(aff, ax, int(p0[ax])),
-                    root / "views" / f"{sid}_{plane}_{c}.nii.gz",
+        for k in range(1, cfg.studies_per_subject + 1):
+            amp = 1 if s.info["lesion_centre_vox"] is not None else 3
+            point = p0 if k == 1 else p0 + rng.integers(-amp, amp + 1, size=3)
+            point = np.clip(point, 0, np.asarray(s.t1w.shape) - 1)
+            n_views = int(rng.choice([1, 2, 3, 4, 5], p=[0.1, 0.25, 0.3, 0.2, 0.15]))
+            chosen = sorted(rng.choice(len(candidates), size=n_views, replace=False).tolist())
+            views, names = [], []
+            for j in chosen:
+                plane, ax, c = candidates[j]
+                vol = s.t1w if c == "T1w" else s.flair
+                views.append(
+                    _save(
+                        _take(vol, ax, int(point[ax])),
+                        _slice_affine(aff, ax, int(point[ax])),
+                        root / "views" / f"{sid}_study{k}_{plane}_{c}.nii.gz",
+                    )
                 )
+                names.append(f"{plane}_{c}")
+            studies[split].append(
+                {
+                    "views": views,
+                    "view_names": names,
+                    "labels": _findings(s),
+                    "subject": sid,
+                    "study": f"{sid}_study{k}",
+                }
             )
-            names.append(f"{plane}_{c}")
-        studies[split].append(
-            {
-                "views": views,
-                "view_names": names,
-                "labels": _findings(s),
-                "subject": sid,
-                "study": f"{sid}_study1",
-            }
-        )
 
         if sid in dicom_sids:
             from data_prep.dicom import write_dicom_series  # imported lazily: pydicom is only needed here
