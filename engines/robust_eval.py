@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from engines.classification_eval import (
 )
 from engines.conformal import SCORES, _threshold_and_sets, alpha_tag, conformal_report, prediction_sets
 from engines.explain import explain_fixed_slices, save_explanation_figure
-from engines.tracking import default_tracking_uri, experiment_name, run_params, run_tags
+from engines.tracking import log_comparison_runs
 from transforms.errors import InputDataError
 
 __all__ = [
@@ -597,59 +596,31 @@ class ClassifierEvaluation:
         atomic_write_text(self.output_dir / "summary.md", "\n".join(lines) + "\n")
 
     def _log_mlflow(self) -> None:
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunTag
-
         t = self.tracking
-        client = MlflowClient(tracking_uri=default_tracking_uri(t.get("workdir", ".")))
-        exp_name = experiment_name("classification")
-        exp = client.get_experiment_by_name(exp_name)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
-        method, datalist, dataset = t["method"], t.get("datalist"), t.get("dataset_name")
-        base_tags = run_tags(
-            method, datalist, dataset, task="classification", classification_task=t.get("task_label", "")
+        log_comparison_runs(
+            task="classification",
+            run_name=t["run_name"],
+            method=t["method"],
+            datalist=t.get("datalist"),
+            dataset_name=t.get("dataset_name"),
+            workdir=t.get("workdir", "."),
+            hparams=t.get("hparams", {}),
+            tags={"classification_task": t.get("task_label", "")},
+            parent_params={"models": ",".join(self.models)},
+            parent_artifacts=[
+                *[
+                    (self.output_dir / f, None)
+                    for f in ("robustness.csv", "robustness.md", "summary.md", "summary.json")
+                ],
+                *[(png, "plots") for png in sorted(self.output_dir.glob("robustness_*.png"))],
+            ],
+            children={
+                name: {
+                    "metrics": res["metrics"],
+                    "params": {"model": name},
+                    "tags": {"model": name},
+                    "artifact_dir": res["dir"],
+                }
+                for name, res in self.results.items()
+            },
         )
-        params = run_params(method, datalist, dataset, **dict(t.get("hparams", {})))
-
-        def log(
-            run_id: str,
-            metrics: Mapping[str, float],
-            extra_params: Mapping[str, str],
-            tags: Mapping[str, str],
-        ):
-            ts = int(time.time() * 1000)
-            ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
-            ps = [Param(k, str(v)) for k, v in {**params, **extra_params}.items()]
-            tg = [RunTag(k, str(v)) for k, v in tags.items()]
-            for i in range(0, len(ms), 1000):
-                client.log_batch(run_id, metrics=ms[i : i + 1000])
-            for i in range(0, len(ps), 100):
-                client.log_batch(run_id, params=ps[i : i + 100])
-            client.log_batch(run_id, tags=tg)
-
-        parent = client.create_run(exp_id, run_name=t["run_name"], tags=base_tags)
-        pid = parent.info.run_id
-        try:
-            log(pid, {}, {"models": ",".join(self.models)}, {"role": "comparison"})
-            for f in ("robustness.csv", "robustness.md", "summary.md", "summary.json"):
-                client.log_artifact(pid, str(self.output_dir / f))
-            for png in sorted(self.output_dir.glob("robustness_*.png")):
-                client.log_artifact(pid, str(png), "plots")
-            for name, res in self.results.items():
-                child = client.create_run(
-                    exp_id,
-                    run_name=f"{t['run_name']}-{name}",
-                    tags={**base_tags, "mlflow.parentRunId": pid, "model": name, "role": "model"},
-                )
-                cid = child.info.run_id
-                try:
-                    log(cid, res["metrics"], {"model": name}, {})
-                    client.log_artifacts(cid, str(res["dir"]))
-                    client.set_terminated(cid, "FINISHED")
-                except Exception:
-                    client.set_terminated(cid, "FAILED")
-                    raise
-            client.set_terminated(pid, "FINISHED")
-        except Exception:
-            client.set_terminated(pid, "FAILED")
-            raise

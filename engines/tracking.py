@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "experiment_name",
     "flatten_params",
     "git_commit",
+    "log_comparison_runs",
     "make_mlflow_handler",
     "run_params",
     "run_tags",
@@ -351,3 +352,104 @@ def make_mlflow_handler(
         close_on_complete=close_on_complete,
         **kwargs,
     )
+
+
+def log_comparison_runs(
+    task: str,
+    run_name: str,
+    method: str,
+    children: Mapping[str, Mapping[str, Any]],
+    datalist: str | os.PathLike | None = None,
+    dataset_name: str | None = None,
+    workdir: str | os.PathLike = ".",
+    hparams: Mapping[str, Any] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_params: Mapping[str, Any] | None = None,
+    parent_artifacts: Sequence[tuple[str | os.PathLike, str | None]] = (),
+    child_role: str = "model",
+) -> str:
+    """Log an evaluation as one parent run (tables, plots) and one child run per compared model.
+
+    Every child gets the same metric names, so MLflow's run comparison lines the models up; the parent
+    carries ``role=comparison`` and the combined artifacts, each child ``role=<child_role>`` and the
+    ``mlflow.parentRunId`` tag. A failure marks the runs ``FAILED`` and is re-raised.
+
+    Args:
+        task: a key of :data:`EXPERIMENTS`.
+        run_name: parent run name; children are ``<run_name>-<child>``.
+        method: the bundle name.
+        children: child name → ``{"metrics": {name: value}, "params": {...}, "tags": {...},
+            "artifact_dir": folder logged as the child's artifacts (optional)}``.
+        datalist: hashed into the params.
+        dataset_name: readable dataset name.
+        workdir: folder of the local store when ``MLFLOW_TRACKING_URI`` is unset.
+        hparams: params of every run.
+        tags: extra tags of every run.
+        parent_params: params of the parent only.
+        parent_artifacts: ``(file, artifact sub-folder or None)`` pairs for the parent.
+        child_role: the children's ``role`` tag.
+
+    Returns:
+        The parent run id.
+    """
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient(tracking_uri=default_tracking_uri(workdir))
+    exp_name = experiment_name(task)
+    exp = client.get_experiment_by_name(exp_name)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
+    base_tags = run_tags(
+        method, datalist, dataset_name, task=task, **{k: str(v) for k, v in (tags or {}).items()}
+    )
+    params = run_params(method, datalist, dataset_name, **dict(hparams or {}))
+
+    def log(
+        run_id: str,
+        metrics: Mapping[str, float],
+        extra_params: Mapping[str, Any],
+        run_tags_: Mapping[str, Any],
+    ):
+        ts = int(time.time() * 1000)
+        ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+        ps = [Param(k, str(v)) for k, v in {**params, **extra_params}.items()]
+        tg = [RunTag(k, str(v)) for k, v in run_tags_.items()]
+        for i in range(0, len(ms), 1000):
+            client.log_batch(run_id, metrics=ms[i : i + 1000])
+        for i in range(0, len(ps), 100):
+            client.log_batch(run_id, params=ps[i : i + 100])
+        client.log_batch(run_id, tags=tg)
+
+    parent = client.create_run(exp_id, run_name=run_name, tags=base_tags)
+    pid = parent.info.run_id
+    try:
+        log(pid, {}, dict(parent_params or {}), {"role": "comparison"})
+        for path, sub in parent_artifacts:
+            client.log_artifact(pid, str(path), sub)
+        for name, child in children.items():
+            run = client.create_run(
+                exp_id,
+                run_name=f"{run_name}-{name}",
+                tags={
+                    **base_tags,
+                    **dict(child.get("tags", {})),
+                    "mlflow.parentRunId": pid,
+                    "role": child_role,
+                },
+            )
+            cid = run.info.run_id
+            try:
+                log(cid, child.get("metrics", {}), child.get("params", {}), {})
+                if child.get("artifact_dir") is not None:
+                    client.log_artifacts(cid, str(child["artifact_dir"]))
+                client.set_terminated(cid, "FINISHED")
+            except Exception:
+                client.set_terminated(cid, "FAILED")
+                raise
+        client.set_terminated(pid, "FINISHED")
+    except Exception:
+        client.set_terminated(pid, "FAILED")
+        raise
+    return pid
