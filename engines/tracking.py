@@ -367,6 +367,8 @@ def log_comparison_runs(
     parent_params: Mapping[str, Any] | None = None,
     parent_artifacts: Sequence[tuple[str | os.PathLike, str | None]] = (),
     child_role: str = "model",
+    parent_metrics: Mapping[str, float] | None = None,
+    parent_role: str = "comparison",
 ) -> str:
     """Log an evaluation as one parent run (tables, plots) and one child run per compared model.
 
@@ -388,6 +390,8 @@ def log_comparison_runs(
         parent_params: params of the parent only.
         parent_artifacts: ``(file, artifact sub-folder or None)`` pairs for the parent.
         child_role: the children's ``role`` tag.
+        parent_metrics: metrics of the parent (a single-run evaluation passes these and no children).
+        parent_role: the parent's ``role`` tag.
 
     Returns:
         The parent run id.
@@ -425,7 +429,7 @@ def log_comparison_runs(
     parent = client.create_run(exp_id, run_name=run_name, tags=base_tags)
     pid = parent.info.run_id
     try:
-        log(pid, {}, dict(parent_params or {}), {"role": "comparison"})
+        log(pid, dict(parent_metrics or {}), dict(parent_params or {}), {"role": parent_role})
         for path, sub in parent_artifacts:
             client.log_artifact(pid, str(path), sub)
         for name, child in children.items():

@@ -8,12 +8,30 @@ from networks.classifiers import (
     SimpleCNN,
     resnet50_classifier,
 )
+from networks.study_vit import (
+    VIT_SIZES,
+    DiffusionMAEDecoder,
+    MAEDecoder,
+    StudyClassifier,
+    StudyMAE,
+    StudyViTEncoder,
+    encoder_kwargs,
+    size_preset,
+)
 
 __all__ = [
+    "VIT_SIZES",
     "AttentionCNN",
+    "DiffusionMAEDecoder",
     "LatentMLPHead",
     "LatentResNetHead",
+    "MAEDecoder",
     "NoiseAwareClassifier",
     "SimpleCNN",
+    "StudyClassifier",
+    "StudyMAE",
+    "StudyViTEncoder",
+    "encoder_kwargs",
     "resnet50_classifier",
+    "size_preset",
 ]

@@ -6,7 +6,8 @@ Run through ``bash scripts/demo.sh`` (which sets up ``.venv`` first) or directly
 
 It writes ``<out>/cohort/`` (the cohort, cached: a second run reuses it) and ``<out>/report.md``
 with an overview figure ``<out>/cohort_overview.png``. A bundle takes part once it ships a
-``configs/demo.json`` describing its demo workflow (``{"steps": [[config files...], ...]}``); each
+``configs/demo.json`` describing its demo workflow (``{"steps": [[config files..., "--key", "value"...], ...]}``:
+config files, then optional command-line overrides); each
 step runs ``python -m monai.bundle run --config_file [...]`` with ``dataset_dir`` pointing at the
 cohort.
 """
@@ -90,7 +91,10 @@ def run_bundles(cohort: Path, out: Path, only: list[str] | None = None) -> list[
         steps = json.loads(demo.read_text())["steps"]
         t0 = time.time()
         status = "ok"
-        for files in steps:
+        for step in steps:
+            # a step lists config files, optionally followed by command-line overrides ("--scheme", "mae")
+            cut = next((i for i, f in enumerate(step) if f.startswith("--")), len(step))
+            files, extra = step[:cut], step[cut:]
             cfgs = [str(bundle / "configs" / f) for f in files]
             cmd = [
                 sys.executable, "-m", "monai.bundle", "run",
@@ -98,8 +102,9 @@ def run_bundles(cohort: Path, out: Path, only: list[str] | None = None) -> list[
                 "--bundle_root", str(bundle),
                 "--dataset_dir", str(cohort),
                 "--output_dir", str(out / bundle.name),
+                *extra,
             ]  # fmt: skip
-            print(f"[{bundle.name}] {' '.join(files)}", flush=True)
+            print(f"[{bundle.name}] {' '.join(step)}", flush=True)
             if subprocess.run(cmd, cwd=out, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0:
                 status = f"failed at {files}"
                 break

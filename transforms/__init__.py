@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real imports
         slice_affine_2d,
         slice_affine_3d,
     )
+    from transforms.study import LoadStudyD, LoadStudyd, LoadStudyDict, collate_studies
     from transforms.validate import (
         CheckImage,
         CheckImageD,
@@ -145,6 +146,10 @@ _LAZY = {
     "Greyscaled": "pipeline",
     "slice_loading_transforms": "pipeline",
     "volume_loading_transforms": "pipeline",
+    "LoadStudyD": "study",
+    "LoadStudyd": "study",
+    "LoadStudyDict": "study",
+    "collate_studies": "study",
     "SLICE_META_KEYS": "slicing",
     "SlicesToVolume": "slicing",
     "SlicesToVolumeD": "slicing",
@@ -197,6 +202,9 @@ __all__ = [
     "Greyscaled",
     "InputCheckedCompose",
     "InputDataError",
+    "LoadStudyD",
+    "LoadStudyDict",
+    "LoadStudyd",
     "LoadVolumeD",
     "LoadVolumeDict",
     "LoadVolumed",
@@ -224,6 +232,7 @@ __all__ = [
     "VolumeToSlicesDict",
     "VolumeToSlicesd",
     "check_finite",
+    "collate_studies",
     "corrupt",
     "corruption_grid",
     "corruption_seed",
