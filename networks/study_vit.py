@@ -384,24 +384,12 @@ class DiffusionMAEDecoder(MAEDecoder):
     Args: as :class:`MAEDecoder`.
     """
 
-    def __init__(
-        self,
-        num_patches: int,
-        patch_dim: int,
-        encoder_hidden_size: int,
-        hidden_size: int = 128,
-        mlp_dim: int = 512,
-        num_layers: int = 2,
-        num_heads: int = 4,
-    ) -> None:
-        super().__init__(
-            num_patches, patch_dim, encoder_hidden_size, hidden_size, mlp_dim, num_layers, num_heads
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         del self.mask_token  # masked positions hold the embedded noisy patches instead
-        self.noisy_embed = nn.Linear(patch_dim, hidden_size)
-        self.time_embed = nn.Sequential(
-            nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        d = self.hidden_size
+        self.noisy_embed = nn.Linear(self.pred.out_features, d)
+        self.time_embed = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
 
     def forward(  # type: ignore[override]
         self,
