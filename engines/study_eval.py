@@ -364,13 +364,20 @@ def linear_probe_run(
     train = study_embeddings(encoder, train_loader, device)
     evaluate = study_embeddings(encoder, eval_loader, device)
     probe = fit_linear_probe(train["features"], train["labels"], epochs=probe_epochs, lr=probe_lr, seed=seed)
-    metrics = multilabel_metrics(probe_probabilities(probe, evaluate["features"]), evaluate["labels"], findings)
+    metrics = multilabel_metrics(
+        probe_probabilities(probe, evaluate["features"]), evaluate["labels"], findings
+    )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     clean = {k: (float(v) if np.isfinite(v) else None) for k, v in metrics.items()}
     atomic_write_text(out / "metrics.json", json.dumps(clean, indent=2) + "\n")
     rows = [
-        {"finding": f, "auroc": metrics[f"auroc/{f}"], "auprc": metrics[f"auprc/{f}"], "positives": metrics[f"n_pos/{f}"]}
+        {
+            "finding": f,
+            "auroc": metrics[f"auroc/{f}"],
+            "auprc": metrics[f"auprc/{f}"],
+            "positives": metrics[f"n_pos/{f}"],
+        }
         for f in findings
     ]
     rows.append({"finding": "mean", "auroc": metrics["mean_auroc"], "auprc": metrics["mean_auprc"]})
@@ -378,10 +385,16 @@ def linear_probe_run(
     if probe_path is not None:
         Path(probe_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(
-            {"model": probe.state_dict(), "findings": list(findings), "in_features": int(train["features"].shape[1])},
+            {
+                "model": probe.state_dict(),
+                "findings": list(findings),
+                "in_features": int(train["features"].shape[1]),
+            },
             probe_path,
         )
-    logger.info("linear probe: mean AUROC %.4f, mean AUPRC %.4f", metrics["mean_auroc"], metrics["mean_auprc"])
+    logger.info(
+        "linear probe: mean AUROC %.4f, mean AUPRC %.4f", metrics["mean_auroc"], metrics["mean_auprc"]
+    )
     if tracking is not None:
         t = dict(tracking)
         log_comparison_runs(
