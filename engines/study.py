@@ -230,7 +230,7 @@ def probe_evaluation(
     probe_lr: float = 0.05,
     weight_decay: float = 1e-4,
     seed: int = 0,
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor, nn.Module]:
     """Fit the linear probe on one split's embeddings and score another's.
 
     Args:
@@ -243,7 +243,8 @@ def probe_evaluation(
         seed: probe initialisation.
 
     Returns:
-        ``(metrics, probabilities)``: :func:`engines.probe.multilabel_metrics` and ``(n, L)`` probabilities.
+        ``(metrics, probabilities, probe)``: :func:`engines.probe.multilabel_metrics`, the ``(n, L)``
+        probabilities and the fitted :class:`engines.probe.LinearProbe`.
     """
     probe = fit_linear_probe(
         train["features"],
@@ -254,7 +255,7 @@ def probe_evaluation(
         seed=seed,
     )
     probs = probe_probabilities(probe, evaluate["features"])
-    return multilabel_metrics(probs, evaluate["labels"], list(findings)), probs
+    return multilabel_metrics(probs, evaluate["labels"], list(findings)), probs, probe
 
 
 def _open_run(mlflow_handler: Any, engine: Any) -> None:
@@ -346,7 +347,7 @@ class LinearProbeHandler:
         self._last_epoch = epoch
         train = study_embeddings(self.encoder, self.train_loader, self.device)
         val = study_embeddings(self.encoder, self.val_loader, self.device)
-        metrics, _ = probe_evaluation(train, val, self.findings, **self.probe_kwargs)
+        metrics, _, _ = probe_evaluation(train, val, self.findings, **self.probe_kwargs)
         row = {"epoch": float(epoch), **{f"probe_{k}": float(v) for k, v in metrics.items()}}
         self.history.append(row)
         logger.info(

@@ -125,7 +125,7 @@ class StudyEvaluation:
     def _probe(self, encoder: nn.Module) -> dict[str, float]:
         train = study_embeddings(encoder, self.train_loader, self.device)
         test = study_embeddings(encoder, self.test_loader, self.device)
-        metrics, _ = probe_evaluation(train, test, self.findings, **self.probe_kwargs)
+        metrics, _, _ = probe_evaluation(train, test, self.findings, **self.probe_kwargs)
         return metrics
 
     def _finetune(self, classifier: nn.Module) -> dict[str, float]:
@@ -358,14 +358,12 @@ def linear_probe_run(
         The metrics of :func:`engines.probe.multilabel_metrics`.
     """
     from engines.checkpoint import atomic_torch_save
-    from engines.probe import fit_linear_probe, probe_probabilities
 
     encoder = encoder.to(device).eval()
     train = study_embeddings(encoder, train_loader, device)
     evaluate = study_embeddings(encoder, eval_loader, device)
-    probe = fit_linear_probe(train["features"], train["labels"], epochs=probe_epochs, lr=probe_lr, seed=seed)
-    metrics = multilabel_metrics(
-        probe_probabilities(probe, evaluate["features"]), evaluate["labels"], findings
+    metrics, _, probe = probe_evaluation(
+        train, evaluate, findings, probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed
     )
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
