@@ -407,6 +407,10 @@ class AnomalyEvaluationHandler:
         atomic_write_text(
             self.output_dir / "metrics.json", json.dumps(self.results, indent=1, default=str) + "\n"
         )
+        # pooled ROC/PR points per method: logged with the output folder, so a report can draw the
+        # curves from the tracking store alone (scripts/report.py)
+        curves = {name: ev.curves() for name, ev in self.evaluators.items()}
+        atomic_write_text(self.output_dir / "curves.json", json.dumps(curves) + "\n")
         print(self.table())
 
     def table(self) -> str:

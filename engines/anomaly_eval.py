@@ -44,6 +44,7 @@ __all__ = [
     "AnomalyEvaluator",
     "PostProcess",
     "RankingMetrics",
+    "curve_points",
     "dice_at_best_threshold",
     "fpr_tag",
     "healthy_reference_intensity",
@@ -395,6 +396,60 @@ def ranking_metrics(scores: Any, labels: Any, sample_weight: Any | None = None) 
     else:
         threshold = float(np.nextafter(values[-1], -np.inf))
     return RankingMetrics(auroc, auprc, float(dice[best]), threshold, n_pos, n_neg)
+
+
+def curve_points(
+    scores: Any, labels: Any, sample_weight: Any | None = None, max_points: int = 200
+) -> dict[str, list[float]]:
+    """ROC and precision-recall operating points, thinned to at most ``max_points`` each, for plots.
+
+    The points are the exact operating points of :func:`ranking_metrics` (same sort, same tie rule);
+    thinning keeps the first and the last and evenly spaced ones between (by index), so a plot drawn
+    from them is the curve whose area :func:`ranking_metrics` reports, up to the thinning. They are
+    what an evaluation logs to MLflow (``curves.json``) so a report can draw the curves from the
+    tracking store without the maps.
+
+    Args:
+        scores: anomaly scores (flattened), higher = more anomalous.
+        labels: bool/0-1 labels of the same size.
+        sample_weight: optional non-negative weights.
+        max_points: most points per curve (>= 2).
+
+    Returns:
+        ``{"fpr", "tpr", "recall", "precision"}`` lists (ROC starts at (0, 0), PR at recall 0 with
+        the precision of the first operating point); empty lists when there are no positives or no
+        samples (no curve is defined).
+
+    Raises:
+        ValueError: ``max_points < 2`` or scores and labels of different sizes.
+    """
+    if max_points < 2:
+        raise ValueError(f"max_points must be >= 2, got {max_points}")
+    s = np.asarray(scores).ravel()
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    y = np.asarray(labels).ravel().astype(bool, copy=False)
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in size")
+    empty: dict[str, list[float]] = {"fpr": [], "tpr": [], "recall": [], "precision": []}
+    if s.size == 0:
+        return empty
+    w = None if sample_weight is None else np.asarray(sample_weight, dtype=np.float64).ravel()
+    tps, fps, _ = _operating_points(s, y, w)
+    n_pos, n_neg = float(tps[-1]), float(fps[-1])
+    if n_pos <= 0:
+        return empty
+    tps_f, fps_f = tps.astype(np.float64), fps.astype(np.float64)
+    idx = np.unique(np.linspace(0, tps_f.size - 1, min(max_points - 1, tps_f.size)).round().astype(int))
+    tpr = tps_f[idx] / n_pos
+    fpr = fps_f[idx] / n_neg if n_neg > 0 else np.zeros_like(tpr)
+    precision = tps_f[idx] / np.maximum(tps_f[idx] + fps_f[idx], np.finfo(np.float64).tiny)
+    return {
+        "fpr": [0.0, *fpr.tolist()],
+        "tpr": [0.0, *tpr.tolist()],
+        "recall": [0.0, *tpr.tolist()],
+        "precision": [float(precision[0]), *precision.tolist()],
+    }
 
 
 def dice_at_best_threshold(scores: Any, labels: Any, sample_weight: Any | None = None) -> tuple[float, float]:
@@ -778,7 +833,9 @@ class AnomalyEvaluator:
 
     # -- results --------------------------------------------------------------------------------
 
-    def _pooled(self, recs: list[_Record]) -> tuple[RankingMetrics, int]:
+    @staticmethod
+    def _pooled_arrays(recs: list[_Record]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The group's kept pixels, labels and the weights that undo the per-class subsampling."""
         scores = np.concatenate([r.scores for r in recs])
         labels = np.concatenate([r.labels for r in recs])
         total_pos = sum(r.n_pos for r in recs)
@@ -791,6 +848,10 @@ class AnomalyEvaluator:
             w_pos = total_pos / kept_pos if kept_pos else 0.0
             w_neg = total_neg / kept_neg if kept_neg else 0.0
             weights = np.where(labels, w_pos, w_neg)
+        return scores, labels, weights
+
+    def _pooled(self, recs: list[_Record]) -> tuple[RankingMetrics, int]:
+        scores, labels, weights = self._pooled_arrays(recs)
         return ranking_metrics(scores, labels, weights), labels.size
 
     def _group_metrics(self, recs: list[_Record]) -> dict[str, float]:
@@ -878,6 +939,26 @@ class AnomalyEvaluator:
             group = [r for r in recs if r.kind in (kind, self.healthy_kind)]
             out.update({f"{kind}/{k}": v for k, v in self._group_metrics(group).items()})
         return out
+
+    def curves(self, max_points: int = 200) -> dict[str, list[float]]:
+        """Pooled pixel ROC and PR points over every added volume (see :func:`curve_points`).
+
+        The same pixels and weights as the pooled ``pixel_auroc``/``pixel_auprc`` of :meth:`compute`.
+
+        Args:
+            max_points: most points per curve.
+
+        Returns:
+            The curve points.
+
+        Raises:
+            RuntimeError: nothing was added.
+        """
+        if not self._records:
+            raise RuntimeError("AnomalyEvaluator.curves() called before any add()")
+        self._prune(final=True)
+        scores, labels, weights = self._pooled_arrays(list(self._records.values()))
+        return curve_points(scores, labels, weights, max_points)
 
     def csv_columns(self) -> list[str]:
         """The per-subject CSV columns, in order."""

@@ -428,3 +428,48 @@ def test_healthy_thresholds_use_the_same_post_processing() -> None:
     assert np.mean(pooled >= thr[0.05]) > 0.05
     # the median filter narrows the score distribution: its 95 % quantile is well below 0.95
     assert thr[0.05] < 0.8
+
+
+def test_curve_points_known_answers():
+    from engines.anomaly_eval import curve_points
+
+    # perfect ranking: the ROC goes through (0, 1), precision is 1 up to recall 1
+    c = curve_points([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0])
+    assert c["fpr"][0] == c["tpr"][0] == 0.0
+    assert (0.0, 1.0) in set(zip(c["fpr"], c["tpr"], strict=True))
+    assert c["fpr"][-1] == c["tpr"][-1] == 1.0
+    # before the first false positive every operating point has precision 1
+    assert all(p == 1.0 for p, f in zip(c["precision"], c["fpr"], strict=True) if f == 0.0)
+    assert c["precision"][c["recall"].index(1.0)] == 1.0
+    # unthinned points integrate to ranking_metrics' AUROC (trapezoids; ties count half)
+    rng = np.random.default_rng(0)
+    y = rng.random(500) < 0.2
+    s = rng.normal(size=500) + y
+    s[:50] = np.round(s[:50])  # ties
+    c = curve_points(s, y, max_points=10_000)
+    auc = np.trapezoid(c["tpr"], c["fpr"])
+    assert auc == pytest.approx(ranking_metrics(s, y).auroc, abs=1e-12)
+    # AP = sum over operating points of (R_n - R_{n-1}) P_n
+    ap = float(np.sum(np.diff(c["recall"]) * np.asarray(c["precision"][1:])))
+    assert ap == pytest.approx(ranking_metrics(s, y).auprc, abs=1e-12)
+    # thinning keeps both ends and at most max_points per curve
+    t = curve_points(s, y, max_points=20)
+    assert len(t["fpr"]) <= 20 and t["fpr"][-1] == 1.0 and t["tpr"][-1] == 1.0
+    # no positives: no curve
+    assert curve_points([0.1, 0.2], [0, 0]) == {"fpr": [], "tpr": [], "recall": [], "precision": []}
+    with pytest.raises(ValueError, match="max_points"):
+        curve_points([0.1], [1], max_points=1)
+
+
+def test_evaluator_curves_match_pooled_metrics():
+    ev = AnomalyEvaluator(PostProcess(erode=0, median=0, min_component=0))
+    rng = np.random.default_rng(1)
+    brain = np.ones((8, 8, 4), bool)
+    for i in range(3):
+        lesion = np.zeros_like(brain)
+        lesion[2:4, 2:4, 1:3] = i > 0
+        amap = rng.random(brain.shape).astype(np.float32) + lesion
+        ev.add(f"s{i}", "glioma" if i else "healthy", amap, lesion if i else None, brain)
+    c = ev.curves(max_points=100_000)
+    res = ev.compute()
+    assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(res["pixel_auroc"], abs=1e-9)
