@@ -323,6 +323,7 @@ def classification_section(client: Any, rep: Report, fig_dir: Path) -> list[dict
                 candidates.append(
                     {
                         "run": c,
+                        "parent": parent,
                         "metric": "accuracy",
                         "value": c.data.metrics["accuracy"],
                         "task": "classification",
@@ -395,6 +396,7 @@ def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[dict
                 candidates.append(
                     {
                         "run": c,
+                        "parent": parent,
                         "metric": "finetune_mean_auroc",
                         "value": c.data.metrics["finetune_mean_auroc"],
                         "task": "representation",
@@ -517,10 +519,79 @@ def build_report(
     return md
 
 
+#: files beside a classifier's checkpoint that a latent pipeline needs to run (its encoder and scale)
+_LATENT_PARTS = ("autoencoder.pt", "latent_scale.json")
+
+
+def candidate_files(cand: Mapping[str, Any]) -> list[Path]:
+    """The checkpoint files that reproduce a candidate model, from its runs' params.
+
+    Anomaly evaluations name their checkpoints in params ending with ``checkpoint``; the comparison runs
+    of classification and representation learning name their ``ckpt_dir`` and each child its model or
+    scheme, whose files follow the bundles' naming (``<model>.pt`` with ``classes.json`` and the
+    conformal thresholds; a latent head with the autoencoder and latent scale, the hybrid also with the
+    latent DDPM; ``finetune_<scheme>.pt``).
+
+    Args:
+        cand: a candidate from the sections (``task``, ``run``, optional ``parent`` and ``model``).
+
+    Returns:
+        The paths (the first is the model's own checkpoint); they may not exist on this machine.
+    """
+    if cand["task"] == "anomaly":
+        params = cand["run"].data.params
+        return [Path(v) for k, v in sorted(params.items()) if k.endswith("checkpoint")]
+    ckpt = Path(cand["parent"].data.params.get("ckpt_dir", "."))
+    model = cand["model"]
+    if cand["task"] == "representation":
+        return [ckpt / f"finetune_{model}.pt"]
+    files = [ckpt / f"{model}.pt", ckpt / "classes.json", ckpt / f"conformal_{model}.json"]
+    if model.startswith(("latent_", "noise_aware", "hybrid")):
+        files += [ckpt / f for f in _LATENT_PARTS]
+    if model.startswith("hybrid"):
+        files.append(ckpt / "latent_ddpm.pt")
+    return files
+
+
 def registry_section(client: Any, rep: Report, candidates: Sequence[Mapping[str, Any]]) -> None:
-    """Register the best candidate of each task (placeholder until engines.registry lands)."""
+    """Register the best candidate of each task as a new version of ``<experiment>-best``.
+
+    The version's source is the chosen run's ``model/`` artifacts (the checkpoint files are logged there);
+    its tags carry the metric it was chosen by and the run's provenance (``engines.registry``).
+    """
+    from engines.registry import register_model
+
     rep.heading("Model registry")
-    rep.text("Registration is not available yet.")
+    rows = []
+    for task, exp in EXPERIMENTS.items():
+        mine = [c for c in candidates if c["task"] == task and math.isfinite(c["value"])]
+        if not mine:
+            continue
+        best = max(mine, key=lambda c: c["value"])
+        files = candidate_files(best)
+        present = [f for f in files if f.is_file()]
+        who = best.get("model") or best["run"].data.tags.get("method", "")
+        if not files or not files[0].is_file():
+            rows.append(
+                [
+                    exp,
+                    who,
+                    best["metric"],
+                    best["value"],
+                    f"not registered: {files[0] if files else 'no checkpoint'} is missing here",
+                ]
+            )
+            continue
+        mv = register_model(
+            client,
+            best["run"].info.run_id,
+            f"{exp}-best",
+            present,
+            {best["metric"]: best["value"]},
+            tags={"model": who},
+        )
+        rows.append([exp, who, best["metric"], best["value"], f"{mv.name} version {mv.version}"])
+    rep.table(["experiment", "model", "chosen by", "value", "registered as"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

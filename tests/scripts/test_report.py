@@ -59,8 +59,11 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             "pixel_auprc": 0.0123,
         },
         {"method": "anoddpm_simplex"},
-        {"headline_t": "250"},
+        {"headline_t": "250", "checkpoint": str(tmp_path / "models" / "model.pt")},
     )
+    (tmp_path / "models").mkdir()
+    for f in ("model.pt", "cnn.pt", "classes.json", "conformal_cnn.json"):
+        (tmp_path / "models" / f).write_bytes(f.encode())
     curves = tmp_path / "eval" / "curves.json"
     curves.parent.mkdir()
     curves.write_text(
@@ -89,6 +92,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         method="latent_robust_classifier",
         workdir=tmp_path,
         tags={"classification_task": "multiclass"},
+        hparams={"ckpt_dir": str(tmp_path / "models")},
         children={
             "cnn": {
                 "metrics": {
@@ -114,6 +118,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         method="diffusion_mae",
         workdir=tmp_path,
         child_role="scheme",
+        hparams={"ckpt_dir": str(tmp_path / "models")},  # finetune_<scheme>.pt is not there
         children={
             "mae": {
                 "metrics": {"probe_mean_auroc": 0.744, "finetune_mean_auroc": 0.788},
@@ -200,3 +205,27 @@ def test_latest_runs_skips_children_and_unfinished(store: str) -> None:
     assert latest_runs(client, "no-such-experiment") == []
     run = latest_runs(client, "anomaly-detection")[0]
     assert math.isclose(run.data.metrics["pixel_auprc"], 0.0123)
+
+
+def test_register_best_model_of_each_task(store: str, tmp_path: Path) -> None:
+    md = build_report(store, tmp_path / "out", register=True).read_text()
+    assert (
+        "| anomaly-detection | anoddpm_simplex | pixel_auprc | 0.0123 | anomaly-detection-best version 1 |"
+        in md
+    ), md
+    assert (
+        "| tumour-classification | cnn | accuracy | 0.611 | tumour-classification-best version 1 |" in md
+    ), md
+    missing = tmp_path / "models" / "finetune_diffusion.pt"
+    assert (
+        f"| representation-learning | diffusion | finetune_mean_auroc | 0.876 | not registered: {missing} is missing here |"
+        in md
+    ), md
+    client = MlflowClient(store)
+    mv = client.get_model_version("tumour-classification-best", "1")
+    assert mv.tags["accuracy"] == "0.611" and mv.tags["model"] == "cnn"
+    run_files = {Path(f.path).name for f in client.list_artifacts(mv.run_id, "model")}
+    assert run_files == {"cnn.pt", "classes.json", "conformal_cnn.json"}
+    # a second report registers a new version, not a copy of the files
+    md = build_report(store, tmp_path / "out", register=True).read_text()
+    assert "anomaly-detection-best version 2" in md
