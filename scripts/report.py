@@ -55,6 +55,7 @@ ANOMALY_COLUMNS: dict[str, str] = {
     "slice_auroc": "slice AUROC",
     "slice_ap": "slice AP",
     "false_alarm_rate_fpr5": "false alarms (5 % FPR)",
+    "n_subjects": "test volumes",
 }
 #: the classification metrics shown per model (children of the comparison run)
 CLASSIFICATION_COLUMNS: dict[str, str] = {
