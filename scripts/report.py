@@ -215,6 +215,11 @@ def _setting_title(method: str, setting: str, headline: bool) -> str:
     return f"{setting} (headline)" if headline else setting
 
 
+def _count(v: float) -> int | float:
+    """A count logged as a float metric, shown as an integer."""
+    return int(v) if math.isfinite(v) else v
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, ".png") as tmp:
@@ -252,7 +257,12 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, A
                 [
                     method,
                     _setting_title(method, s, is_head),
-                    *(m.get(f"{s}/{c}", math.nan) for c in ANOMALY_COLUMNS),
+                    *(
+                        _count(m.get(f"{s}/{c}", math.nan))
+                        if c.startswith("n_")
+                        else m.get(f"{s}/{c}", math.nan)
+                        for c in ANOMALY_COLUMNS
+                    ),
                 ]
             )
         if "pixel_auprc" in m:
