@@ -28,26 +28,20 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._timing import cpu_model, load_average
 from transforms.simplex import simplex3_reference, simplex_noise
 
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} cores"
-    except (OSError, subprocess.CalledProcessError):
-        return f"{platform.processor() or '?'}, {os.cpu_count()} cores"
+__all__ = ["measure_simplex", "parse_args", "simplex_report"]
 
 
 class Ours:
@@ -113,7 +107,8 @@ def naive_fields_per_s(args: argparse.Namespace) -> float:
     return args.naive_fields / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (also the parameters of :func:`measure_simplex`; ``parse_args([])`` gives the defaults)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
@@ -130,11 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
+    return args
 
+
+def measure_simplex(args: argparse.Namespace) -> dict[str, Any]:
+    """Time ours, opensimplex (two variants) and the naive loop, alternating (see the module docstring).
+
+    Args:
+        args: the parameters (:func:`parse_args`).
+
+    Returns:
+        ``{"rows": [{"key", "label", "fields_per_s", "ms_per_field", "fields_per_s_min", "fields_per_s_max"}],
+        "naive": {"label", "fields_per_s", "ms_per_field", "scaled_fields_per_s"}, "ratio": ours over the faster
+        opensimplex variant (None without opensimplex), "load_before", "load_after", "threads"}``.
+    """
     ours = Ours(args)
     for _ in range(3):
         ours()  # warm up (allocator, caches)
-    runners: dict[str, object] = {"ours": ours}
+    runners: dict[str, Any] = {"ours": ours}
     if not args.no_opensimplex:
         try:
             runners["os_reseed"] = OpenSimplexNumba(args, reseed=True)
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # after importing numba, whose OpenMP start-up resets it
     for r in runners.values():
         r()
-    load0 = os.getloadavg()
+    load0 = load_average()
     times: dict[str, list[float]] = {k: [] for k in runners}
     for _ in range(args.repeats):
         for k, r in runners.items():  # alternate, so load changes hit every runner alike
@@ -155,12 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.05)
             r()
             times[k].append(r())
-    load1 = os.getloadavg()
+    load1 = load_average()
     naive = naive_fields_per_s(args)
-
-    def fps(k: str) -> tuple[float, float, float]:
-        ts = times[k]
-        return args.batch / statistics.median(ts), args.batch / max(ts), args.batch / min(ts)
 
     dev = (
         torch.cuda.get_device_name()
@@ -172,33 +176,73 @@ def main(argv: list[str] | None = None) -> int:
         "os_reseed": "opensimplex 0.4.5 + numba `noise3array`, new seed per field, float64",
         "os_shared": "opensimplex 0.4.5 + numba `noise3array`, one seed, own z per field, float64",
     }
-    cmd = "python benchmarks/bench_simplex.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows = []
+    for k, ts in times.items():
+        med = args.batch / statistics.median(ts)
+        rows.append(
+            {
+                "key": k,
+                "label": labels[k],
+                "fields_per_s": med,
+                "ms_per_field": 1e3 / med,
+                "fields_per_s_min": args.batch / max(ts),
+                "fields_per_s_max": args.batch / min(ts),
+            }
+        )
+    fps = {r["key"]: r["fields_per_s"] for r in rows}
+    ratio = fps["ours"] / max(fps["os_reseed"], fps["os_shared"]) if "os_shared" in fps else None
+    return {
+        "rows": rows,
+        "naive": {
+            "label": f"naive per-pixel Python loop over `simplex3_reference`, {args.naive_size}x{args.naive_size} "
+            "fields",
+            "fields_per_s": naive,
+            "ms_per_field": 1e3 / naive,
+            "scaled_fields_per_s": naive * args.naive_size**2 / args.size**2,
+        },
+        "ratio": ratio,
+        "load_before": load0,
+        "load_after": load1,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def simplex_report(args: argparse.Namespace, result: dict[str, Any], command: str) -> str:
+    """The Markdown section of one run (the format of the existing entries in ``docs/benchmarks.md``)."""
     lines = [
         f"### simplex noise, {args.size}x{args.size}, {args.octaves} octaves, batch {args.batch} "
         f"({datetime.date.today().isoformat()})",
         "",
         f"- machine: {cpu_model()}; Python {platform.python_version()}, torch {torch.__version__}, "
         f"numpy {np.__version__}",
-        f"- command: `{cmd.strip()}`",
+        f"- command: `{command.strip()}`",
         f"- frequency {args.frequency:g}/px, decay {args.decay}, median of {args.repeats} alternating "
-        f"repeats; load average {load0[0]:.2f} before, {load1[0]:.2f} after",
+        f"repeats; load average {result['load_before']:.2f} before, {result['load_after']:.2f} after",
         "",
         "| implementation | fields/s (median) | ms/field | fields/s range |",
         "|---|---:|---:|---:|",
     ]
-    for k in runners:
-        med, lo, hi = fps(k)
-        lines.append(f"| {labels[k]} | {med:.0f} | {1e3 / med:.2f} | {lo:.0f} - {hi:.0f} |")
-    scaled = naive * args.naive_size**2 / args.size**2
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['fields_per_s']:.0f} | {r['ms_per_field']:.2f} "
+            f"| {r['fields_per_s_min']:.0f} - {r['fields_per_s_max']:.0f} |"
+        )
+    n = result["naive"]
     lines.append(
-        f"| naive per-pixel Python loop over `simplex3_reference`, {args.naive_size}x{args.naive_size} "
-        f"fields (scale only; about {scaled:.3f} fields/s at {args.size}x{args.size} by pixel count) "
-        f"| {naive:.2f} | {1e3 / naive:.0f} | |"
+        f"| {n['label']} (scale only; about {n['scaled_fields_per_s']:.3f} fields/s at {args.size}x{args.size} "
+        f"by pixel count) | {n['fields_per_s']:.2f} | {n['ms_per_field']:.0f} | |"
     )
-    if "os_shared" in runners:
-        best_os = max(fps("os_reseed")[0], fps("os_shared")[0])
-        lines += ["", f"ratio ours / opensimplex (faster variant): **{fps('ours')[0] / best_os:.2f}**"]
-    report = "\n".join(lines) + "\n"
+    if result["ratio"] is not None:
+        lines += ["", f"ratio ours / opensimplex (faster variant): **{result['ratio']:.2f}**"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, print the Markdown report and append it to ``--write``."""
+    args = parse_args(argv)
+    result = measure_simplex(args)
+    cmd = "python benchmarks/bench_simplex.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = simplex_report(args, result, cmd)
     print(report)
     if args.write is not None:
         args.write.parent.mkdir(parents=True, exist_ok=True)
