@@ -26,6 +26,13 @@ def _f(x: Any, digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
+def _sig(x: float | None, digits: int = 2) -> str:
+    """A number with ``digits`` significant digits (achieved TFLOP/s spans 0.001 on a loaded CPU to hundreds)."""
+    if x is None or not math.isfinite(x):
+        return ""
+    return f"{x:.{digits}g}"
+
+
 def _pct(x: float | None) -> str:
     """A fraction as a percentage with two significant digits (MFU can be far below 1 %)."""
     if x is None or not math.isfinite(x):
@@ -135,7 +142,7 @@ def render_section(results: Mapping[str, Any]) -> str:
                     f"{_f(r['per_s'])} {r['unit']}",
                     f"{_f(r['per_s_min'])} - {_f(r['per_s_max'])}",
                     _f(r.get("gflop_per_step"), 2),
-                    _f(r.get("achieved_tflops"), 3),
+                    _sig(r.get("achieved_tflops")),
                 ]
                 for r in train["rows"]
             ],
