@@ -223,7 +223,7 @@ def run_steps(
 
 #: default training minutes over all bundles: fits the whole main job in 30 minutes on a 2-core CPU
 #: (measured: docs/benchmarks.md, "main job"); with a GPU the same wall time trains for much longer
-DEFAULT_BUDGET_CPU = 12.0
+DEFAULT_BUDGET_CPU = 10.0
 DEFAULT_BUDGET_GPU = 60.0
 
 
