@@ -330,6 +330,17 @@ def _operating_points(
     return tps, fps, s[last]
 
 
+def _scores_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float scores and bool labels of one size (float inputs keep their precision)."""
+    s = np.asarray(scores).ravel()
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    y = np.asarray(labels).ravel().astype(bool, copy=False)
+    if s.shape != y.shape:
+        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in size")
+    return s, y
+
+
 def ranking_metrics(scores: Any, labels: Any, sample_weight: Any | None = None) -> RankingMetrics:
     """AUROC, average precision and the best Dice over all thresholds, exactly, from one sort.
 
@@ -357,12 +368,7 @@ def ranking_metrics(scores: Any, labels: Any, sample_weight: Any | None = None) 
     Returns:
         :class:`RankingMetrics` (counts are weighted when weights are given).
     """
-    s = np.asarray(scores).ravel()
-    if not np.issubdtype(s.dtype, np.floating):
-        s = s.astype(np.float64)
-    y = np.asarray(labels).ravel().astype(bool, copy=False)
-    if s.shape != y.shape:
-        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in size")
+    s, y = _scores_labels(scores, labels)
     if sample_weight is not None:
         sample_weight = np.asarray(sample_weight, dtype=np.float64).ravel()
         if sample_weight.shape != s.shape:
@@ -425,12 +431,7 @@ def curve_points(
     """
     if max_points < 2:
         raise ValueError(f"max_points must be >= 2, got {max_points}")
-    s = np.asarray(scores).ravel()
-    if not np.issubdtype(s.dtype, np.floating):
-        s = s.astype(np.float64)
-    y = np.asarray(labels).ravel().astype(bool, copy=False)
-    if s.shape != y.shape:
-        raise ValueError(f"scores ({s.size}) and labels ({y.size}) differ in size")
+    s, y = _scores_labels(scores, labels)
     empty: dict[str, list[float]] = {"fpr": [], "tpr": [], "recall": [], "precision": []}
     if s.size == 0:
         return empty

@@ -145,6 +145,27 @@ class Report:
         return "\n".join(out) + "\n"
 
 
+@dataclass
+class Candidate:
+    """A model the report may register: the run its metric is logged in, and where its files are named.
+
+    Attributes:
+        task: a key of :data:`EXPERIMENTS`.
+        run: the run holding ``metric`` (an evaluation, or a comparison's child).
+        metric: the metric the task's best model is chosen by (higher is better).
+        value: its value.
+        parent: the comparison run (its ``ckpt_dir`` param), for children.
+        model: the model, scheme or bundle name shown and tagged.
+    """
+
+    task: str
+    run: Any
+    metric: str
+    value: float
+    parent: Any = None
+    model: str = ""
+
+
 # ----------------------------------------------------------------------------------------------
 # reading the store
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +254,7 @@ def _save(fig: Any, path: Path) -> Path:
 # ----------------------------------------------------------------------------------------------
 
 
-def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, Any]]:
+def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
     """Anomaly detection: a row per (bundle, setting), ROC and PR curves.
 
     Returns:
@@ -266,9 +287,7 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, A
                 ]
             )
         if "pixel_auprc" in m:
-            candidates.append(
-                {"run": run, "metric": "pixel_auprc", "value": m["pixel_auprc"], "task": "anomaly"}
-            )
+            candidates.append(Candidate("anomaly", run, "pixel_auprc", m["pixel_auprc"], model=method))
         for s, c in (read_json_artifact(client, run.info.run_id, "curves.json") or {}).items():
             if c.get("fpr"):
                 label = f"{method}: {s}" if s != BASELINE else f"{BASELINE} ({method} run)"
@@ -294,7 +313,7 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, A
     return candidates
 
 
-def classification_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, Any]]:
+def classification_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
     """Tumour classification: a row per model of each comparison run, accuracy vs corruption severity."""
     rep.heading("Tumour classification (test split)")
     parents = [
@@ -331,16 +350,7 @@ def classification_section(client: Any, rep: Report, fig_dir: Path) -> list[dict
             ]
             rows.append([model, *(m.get(k, math.nan) for k in CLASSIFICATION_COLUMNS), *cells])
             if "accuracy" in c.data.metrics:
-                candidates.append(
-                    {
-                        "run": c,
-                        "parent": parent,
-                        "metric": "accuracy",
-                        "value": c.data.metrics["accuracy"],
-                        "task": "classification",
-                        "model": model,
-                    }
-                )
+                candidates.append(Candidate("classification", c, "accuracy", m["accuracy"], parent, model))
         rep.table(
             ["model", *CLASSIFICATION_COLUMNS.values(), *(f"{sa} coverage / set size" for sa in conformal)],
             rows,
@@ -383,7 +393,7 @@ def robustness_plot(children: Sequence[Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[dict[str, Any]]:
+def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
     """Representation learning: probe and fine-tuning per scheme; probe AUROC against pretraining epoch."""
     rep.heading("Representation learning (multi-view studies, test split)")
     exp = EXPERIMENTS["representation"]
@@ -405,14 +415,14 @@ def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[dict
                     rows.append([scheme, p, m[f"{p}_mean_auroc"], m.get(f"{p}_mean_auprc", math.nan)])
             if "finetune_mean_auroc" in c.data.metrics:
                 candidates.append(
-                    {
-                        "run": c,
-                        "parent": parent,
-                        "metric": "finetune_mean_auroc",
-                        "value": c.data.metrics["finetune_mean_auroc"],
-                        "task": "representation",
-                        "model": scheme,
-                    }
+                    Candidate(
+                        "representation",
+                        c,
+                        "finetune_mean_auroc",
+                        c.data.metrics["finetune_mean_auroc"],
+                        parent,
+                        scheme,
+                    )
                 )
         rep.table(["scheme", "protocol", "mean AUROC", "mean AUPRC"], rows)
     # the probe during pretraining: metric history of the pretraining runs (step = epoch)
@@ -534,7 +544,7 @@ def build_report(
 _LATENT_PARTS = ("autoencoder.pt", "latent_scale.json")
 
 
-def candidate_files(cand: Mapping[str, Any]) -> list[Path]:
+def candidate_files(cand: Candidate) -> list[Path]:
     """The checkpoint files that reproduce a candidate model, from its runs' params.
 
     Anomaly evaluations name their checkpoints in params ending with ``checkpoint``; the comparison runs
@@ -544,17 +554,17 @@ def candidate_files(cand: Mapping[str, Any]) -> list[Path]:
     latent DDPM; ``finetune_<scheme>.pt``).
 
     Args:
-        cand: a candidate from the sections (``task``, ``run``, optional ``parent`` and ``model``).
+        cand: a candidate from the sections.
 
     Returns:
         The paths (the first is the model's own checkpoint); they may not exist on this machine.
     """
-    if cand["task"] == "anomaly":
-        params = cand["run"].data.params
+    if cand.task == "anomaly":
+        params = cand.run.data.params
         return [Path(v) for k, v in sorted(params.items()) if k.endswith("checkpoint")]
-    ckpt = Path(cand["parent"].data.params.get("ckpt_dir", "."))
-    model = cand["model"]
-    if cand["task"] == "representation":
+    ckpt = Path(cand.parent.data.params.get("ckpt_dir", "."))
+    model = cand.model
+    if cand.task == "representation":
         return [ckpt / f"finetune_{model}.pt"]
     files = [ckpt / f"{model}.pt", ckpt / "classes.json", ckpt / f"conformal_{model}.json"]
     if model.startswith(("latent_", "noise_aware", "hybrid")):
@@ -564,7 +574,7 @@ def candidate_files(cand: Mapping[str, Any]) -> list[Path]:
     return files
 
 
-def registry_section(client: Any, rep: Report, candidates: Sequence[Mapping[str, Any]]) -> None:
+def registry_section(client: Any, rep: Report, candidates: Sequence[Candidate]) -> None:
     """Register the best candidate of each task as a new version of ``<experiment>-best``.
 
     The version's source is the chosen run's ``model/`` artifacts (the checkpoint files are logged there);
@@ -575,33 +585,33 @@ def registry_section(client: Any, rep: Report, candidates: Sequence[Mapping[str,
     rep.heading("Model registry")
     rows = []
     for task, exp in EXPERIMENTS.items():
-        mine = [c for c in candidates if c["task"] == task and math.isfinite(c["value"])]
+        mine = [c for c in candidates if c.task == task and math.isfinite(c.value)]
         if not mine:
             continue
-        best = max(mine, key=lambda c: c["value"])
+        best = max(mine, key=lambda c: c.value)
         files = candidate_files(best)
         present = [f for f in files if f.is_file()]
-        who = best.get("model") or best["run"].data.tags.get("method", "")
+        who = best.model
         if not files or not files[0].is_file():
             rows.append(
                 [
                     exp,
                     who,
-                    best["metric"],
-                    best["value"],
+                    best.metric,
+                    best.value,
                     f"not registered: {files[0] if files else 'no checkpoint'} is missing here",
                 ]
             )
             continue
         mv = register_model(
             client,
-            best["run"].info.run_id,
+            best.run.info.run_id,
             f"{exp}-best",
             present,
-            {best["metric"]: best["value"]},
+            {best.metric: best.value},
             tags={"model": who},
         )
-        rows.append([exp, who, best["metric"], best["value"], f"{mv.name} version {mv.version}"])
+        rows.append([exp, who, best.metric, best.value, f"{mv.name} version {mv.version}"])
     rep.table(["experiment", "model", "chosen by", "value", "registered as"], rows)
 
 
