@@ -77,3 +77,17 @@ def test_demo_configs_are_real_config_files() -> None:
         for step in read_steps(demo):  # raises on a missing file
             for c in step.configs:
                 json.loads((demo.parent / c).read_text())
+
+
+def test_runtime_requirements_run_bundles() -> None:
+    """The main job launches every step as ``python -m monai.bundle run``, which imports fire: a plain
+    ``pip install -e .`` (what scripts/demo.sh installs) must bring it, not only the dev extra."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    names = {
+        line.split("#")[0].strip().split(">")[0].split("=")[0].split("<")[0].lower()
+        for line in cfg["options"]["install_requires"].splitlines()
+    }
+    assert {"fire", "monai", "mlflow", "matplotlib"} <= names
