@@ -270,7 +270,9 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
         method = run.data.tags.get("method", run.info.run_name)
         m = run.data.metrics
         headline = run.data.params.get("headline") or run.data.params.get("headline_t")
-        settings = sorted({k.split("/")[0] for k in m if k.count("/") == 1 and k.endswith("/pixel_auprc")})
+        # settings are the prefixes of "<setting>/<kind>/pixel_auprc"; "<kind>/pixel_auprc" (the headline's
+        # per-kind copies) has one slash like "<setting>/pixel_auprc" and must not become a row
+        settings = sorted({k.split("/")[0] for k in m if k.count("/") == 2 and k.endswith("/pixel_auprc")})
         settings = [s for s in settings if s != BASELINE] + ([BASELINE] if BASELINE in settings else [])
         for s in settings:
             is_head = headline is not None and s in (headline, f"t{headline}")

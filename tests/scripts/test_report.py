@@ -56,6 +56,9 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             "t100/pixel_auprc": 0.0456,
             "intensity_baseline/pixel_auprc": 0.0014,
             "t250/glioma/pixel_auprc": 0.9,  # per-kind metrics are not rows
+            "t100/glioma/pixel_auprc": 0.8,
+            "intensity_baseline/glioma/pixel_auprc": 0.7,
+            "glioma/pixel_auprc": 0.9,  # the headline's per-kind copy
             "pixel_auprc": 0.0123,
         },
         {"method": "anoddpm_simplex"},
@@ -161,6 +164,7 @@ def test_report_tables_come_from_the_store(store: str, tmp_path: Path) -> None:
     assert "| anoddpm_simplex | intensity_baseline | 0.0014 |" in md, md
     assert "0.500" not in md  # the older run
     assert "glioma" not in md.split("## Tumour")[0]
+    assert md.split("## Tumour")[0].count("| anoddpm_simplex |") == 3
     # classification: one row per child, conformal "coverage / set size", worst/mean columns absent → —
     assert re.search(r"\| cnn \| 0\.611 \| — \| — \| 0\.237 \| — \| — \| 0\.900 / 2\.25 \|", md), md
     assert "| hybrid | 0.503 | — | — | — | — | — | — |" in md, md
