@@ -232,7 +232,7 @@ def read_json_artifact(client: Any, run_id: str, name: str) -> Any | None:
         return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
 
 
-def _setting_title(method: str, setting: str, headline: bool) -> str:
+def _setting_title(setting: str, headline: bool) -> str:
     return f"{setting} (headline)" if headline else setting
 
 
@@ -279,7 +279,7 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
             rows.append(
                 [
                     method,
-                    _setting_title(method, s, is_head),
+                    _setting_title(s, is_head),
                     *(
                         _count(m.get(f"{s}/{c}", math.nan))
                         if c.startswith("n_")
