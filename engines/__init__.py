@@ -34,6 +34,7 @@ from engines.classification_eval import (
     write_robustness_table,
 )
 from engines.classifier_inference import ClassifierInference
+from engines.config_check import ConfigOverrideError, check_overrides
 from engines.conformal import (
     conformal_report,
     conformal_sets,
@@ -138,6 +139,7 @@ __all__ = [
     "ClassConditionalDiffusionInferer",
     "ClassifierEvaluation",
     "ClassifierInference",
+    "ConfigOverrideError",
     "CorruptClean",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
@@ -173,6 +175,7 @@ __all__ = [
     "build_models",
     "bundle_root",
     "check_healthy_index",
+    "check_overrides",
     "check_trained_classes",
     "class_names_of",
     "class_weights",
