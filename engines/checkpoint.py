@@ -13,14 +13,17 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import random
 import re
+import types
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.networks.utils import copy_model_state
@@ -28,12 +31,10 @@ from monai.networks.utils import copy_model_state
 from data_prep.atomic import atomic_path, default_file_mode, fsync_dir
 from transforms.errors import InputDataError
 
-if TYPE_CHECKING:
-    from ignite.engine import Engine
-
 __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "RNGState",
     "ResumeCheckpointLoader",
     "UnsafeCheckpointError",
     "atomic_torch_save",
@@ -365,6 +366,196 @@ def load_weights(
     return network.eval()
 
 
+def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:
+    # np.random.RandomState.get_state(): ("MT19937", uint32[624] key, pos, has_gauss, cached_gaussian); the
+    # ndarray would make torch.load(weights_only=True) refuse the file, so the key travels as an int64 tensor
+    name, key, pos, has_gauss, cached = state
+    return {
+        "name": str(name),
+        "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+
+
+def _numpy_state_from_dict(d: Mapping[str, Any]) -> tuple:
+    key = torch.as_tensor(d["key"]).cpu().numpy().astype(np.uint32)
+    return (str(d["name"]), key, int(d["pos"]), int(d["has_gauss"]), float(d["cached_gaussian"]))
+
+
+# leaves of the object walk in RNGState: values that cannot hold a Randomizable (tensors and arrays are the
+# bulk of a cached dataset; skipping them keeps the walk to the containers)
+_LEAVES = (
+    str,
+    bytes,
+    int,
+    float,
+    complex,
+    bool,
+    type(None),
+    torch.Tensor,
+    np.ndarray,
+    np.generic,
+    torch.nn.Module,
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+)
+
+
+def _randomizable_owners(root: Any) -> list[Any]:
+    """Every object reachable from ``root`` that owns a NumPy ``RandomState`` as ``.R`` (MONAI ``Randomizable``).
+
+    The walk goes through lists, tuples, mappings' values and objects' ``__dict__`` (not sets: unordered), as
+    ``monai.data.utils.set_rnd`` does, but also into randomizable objects, whose nested transforms (e.g.
+    ``RandAffined.rand_affine``) draw from their own ``R``. It is depth first in insertion order, so the same
+    config gives the same list in every run. Each object is listed once.
+    """
+    owners: list[Any] = []
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, _LEAVES) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Mapping):
+            children = list(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            children = list(obj)
+        else:
+            if isinstance(getattr(obj, "R", None), np.random.RandomState):
+                owners.append(obj)
+            attrs = getattr(obj, "__dict__", None)
+            children = list(attrs.values()) if isinstance(attrs, dict) else []
+        stack.extend(reversed(children))  # reversed: pop() then visits them in their own order
+    return owners
+
+
+class RNGState:
+    """The state of the random number generators a training draws from, as a checkpointable object.
+
+    Put it in both the ``save_dict`` of the checkpoint saver and the ``load_dict`` of
+    :class:`ResumeCheckpointLoader` (e.g. ``"rng": {"_target_": "engines.RNGState", "randomizable":
+    "@train#dataset"}``): a resumed run then draws the same shuffle order, diffusion timesteps, noise and
+    augmentations as a run that was never stopped. Saved: Python's ``random``, NumPy's global RNG, torch's CPU
+    RNG, every CUDA device's RNG (when CUDA is available) and the own NumPy ``RandomState`` (``.R``) of each
+    MONAI ``Randomizable`` reachable from ``randomizable``: with ``num_workers=0`` MONAI's ``DataLoader`` seeds
+    the dataset's random transforms once, at construction, and they then advance their own generators, which
+    the global states do not include. (With workers, the transforms are reseeded in every epoch from torch's
+    RNG, which is saved.) The DataLoader's shuffle order is drawn from torch's RNG when an epoch's iterator is
+    created, so the state saved at the end of epoch ``k`` reproduces the order of epoch ``k + 1``.
+
+    The state dict holds only tensors, numbers, strings and plain containers, so the checkpoint loads with
+    ``torch.load(weights_only=True)``.
+
+    Under DDP every rank is seeded alike (``set_determinism``) and only rank 0 saves; on loading, every rank's
+    *current* CUDA device gets the state the saving rank had on *its* current device, which is what each
+    rank's own device would have held in a run that was not stopped.
+
+    Args:
+        randomizable: an object (dataset, transform, data loader, or a list of them) whose MONAI
+            ``Randomizable`` parts have their generators saved too; ``None``: global generators only.
+    """
+
+    def __init__(self, randomizable: Any = None) -> None:
+        self.randomizable = randomizable
+        self._owners: list[Any] | None = None
+
+    def _randomizables(self) -> list[Any]:
+        # the structure of a dataset does not change during a run; the walk (cheap, but linear in the number
+        # of cached items) is done once. Each owner's .R is read at every call: set_random_state replaces it.
+        if self._owners is None:
+            self._owners = [] if self.randomizable is None else _randomizable_owners(self.randomizable)
+        return self._owners
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current states.
+
+        Returns:
+            ``{"python", "numpy", "torch", "cuda", "cuda_current", "randomizable"}``: Python's state as an int64
+            tensor with its version and Gaussian cache, NumPy states as dicts, torch states as uint8 tensors
+            (``cuda``: one per device, empty without CUDA; ``cuda_current``: the current device, -1 without
+            CUDA).
+        """
+        version, internal, gauss_next = random.getstate()
+        cuda = torch.cuda.is_available()
+        return {
+            "python": {
+                "version": int(version),
+                "internal": torch.tensor(internal, dtype=torch.int64),
+                "gauss_next": gauss_next,
+            },
+            # the legacy global RNG is the state to save: MONAI and user code draw from np.random.*
+            "numpy": _numpy_state_to_dict(np.random.get_state()),  # noqa: NPY002
+            "torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if cuda else [],
+            "cuda_current": torch.cuda.current_device() if cuda else -1,
+            "randomizable": [_numpy_state_to_dict(o.R.get_state()) for o in self._randomizables()],
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the states saved by :meth:`state_dict`.
+
+        CUDA states are restored for the devices present (a warning when the counts differ, e.g. a checkpoint
+        of a CPU run on a GPU machine: the CUDA generators then keep their seeded state). Transform states are
+        restored only when the number of randomizable objects matches (another config: warning, left as
+        seeded).
+
+        Args:
+            state_dict: a dict from :meth:`state_dict`, possibly loaded from a checkpoint.
+
+        Raises:
+            ValueError: when an entry is missing or malformed (names it).
+        """
+        try:
+            py = state_dict["python"]
+            internal = tuple(int(v) for v in torch.as_tensor(py["internal"]).tolist())
+            gauss = py["gauss_next"]
+            python_state = (int(py["version"]), internal, None if gauss is None else float(gauss))
+            numpy_state = _numpy_state_from_dict(state_dict["numpy"])
+            torch_state = torch.as_tensor(state_dict["torch"], dtype=torch.uint8).cpu()
+            cuda_states = [torch.as_tensor(s, dtype=torch.uint8).cpu() for s in state_dict.get("cuda", [])]
+            cuda_current = int(state_dict.get("cuda_current", -1))
+            transform_states = [_numpy_state_from_dict(d) for d in state_dict.get("randomizable", [])]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"RNGState: malformed state dict ({type(e).__name__}: {e})") from e
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        torch.set_rng_state(torch_state)
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            if len(cuda_states) != n:
+                logger.warning(
+                    "RNGState: the checkpoint has %d CUDA RNG state(s), this machine %d devices; restoring the "
+                    "first %d",
+                    len(cuda_states),
+                    n,
+                    min(n, len(cuda_states)),
+                )
+            torch.cuda.set_rng_state_all(cuda_states[:n])
+            if 0 <= cuda_current < len(cuda_states):
+                torch.cuda.set_rng_state(cuda_states[cuda_current], torch.cuda.current_device())
+        elif cuda_states:
+            logger.warning(
+                "RNGState: the checkpoint has CUDA RNG states but CUDA is not available; not restored"
+            )
+        owners = self._randomizables()
+        if len(transform_states) != len(owners):
+            logger.warning(
+                "RNGState: the checkpoint has %d transform RNG state(s), the objects given hold %d randomizable "
+                "parts (another config?); transform generators not restored",
+                len(transform_states),
+                len(owners),
+            )
+            return
+        for owner, st in zip(owners, transform_states, strict=True):
+            owner.R.set_state(st)
+
+
 class ResumeCheckpointLoader(CheckpointLoader):
     """Resume from the newest checkpoint in a folder, or start fresh when there is none.
 
@@ -460,6 +651,18 @@ class ResumeCheckpointLoader(CheckpointLoader):
                 else:
                     logger.warning("strict_shape=False: loading networks only, skipping %r", key)
                     load_dict.pop(key)
+        for key, obj in list(load_dict.items()):
+            if key in checkpoint:
+                if isinstance(obj, Engine) and isinstance(checkpoint[key], Mapping):
+                    checkpoint[key] = self._fill_user_keys(obj, checkpoint[key])
+            elif isinstance(obj, RNGState):
+                # checkpoints written before the RNG state was saved: resume all else; only the random
+                # draws (shuffle order, noise, augmentation) then differ from an uninterrupted run
+                self.logger.warning(
+                    f"{self.load_path} has no {key!r} entry (saved before RNG states were checkpointed): "
+                    "resuming without restoring the random generators"
+                )
+                load_dict.pop(key)
         # keep the engine's max_epochs: the saved state carries the old run's value
         prior_max_epochs = engine.state.max_epochs
         try:
@@ -475,3 +678,17 @@ class ResumeCheckpointLoader(CheckpointLoader):
         self.logger.info(
             f"Restored all variables from {self.load_path} (epoch {engine.state.epoch}, iteration {engine.state.iteration})"
         )
+
+    def _fill_user_keys(self, engine: Engine, saved: Mapping) -> Mapping:
+        """Default the engine's ``state_dict_user_keys`` that a checkpoint lacks to their current values.
+
+        Ignite refuses a state dict without every registered user key; a key registered by a newer handler
+        (e.g. the elapsed time of :class:`engines.TimeBudget`) must not make older checkpoints unusable.
+        """
+        missing = [k for k in engine.state_dict_user_keys if k not in saved]
+        if not missing:
+            return saved
+        self.logger.warning(
+            f"{self.load_path}: the engine state lacks {missing} (an older checkpoint); keeping their current values"
+        )
+        return {**saved, **{k: getattr(engine.state, k, None) for k in missing}}

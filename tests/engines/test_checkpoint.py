@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import LrScheduleHandler
+from monai.transforms import Compose, RandAffined, RandGaussianNoised
 
 import engines.checkpoint as ckpt_mod
 from engines import (
     AtomicCheckpointSaver,
     AtomicDiskSaver,
     ResumeCheckpointLoader,
+    RNGState,
+    TimeBudget,
     UnsafeCheckpointError,
     atomic_torch_save,
     find_latest_checkpoint,
@@ -251,3 +257,124 @@ def test_resume_strict_shape_false_loads_matching_layers(tmp_path: Path) -> None
     loader(trainer)
     assert torch.equal(dst[0].weight, src[0].weight) and torch.equal(dst[0].bias, src[0].bias)
     assert torch.equal(dst[2].weight, head)  # shape differs: kept
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global RNG is what RNGState saves
+    torch.manual_seed(seed)
+
+
+def _augmentation() -> Compose:
+    return Compose(
+        [
+            RandAffined(keys="image", prob=0.5, rotate_range=0.3, translate_range=(1, 1)),
+            RandGaussianNoised(keys="image", prob=0.5),
+        ]
+    )
+
+
+def _draws(aug: Compose, image: torch.Tensor) -> list:
+    """Values from every generator RNGState covers (with the Gaussian caches of random and NumPy in use)."""
+    return [
+        random.random(),
+        random.gauss(0.0, 1.0),
+        float(np.random.rand()),  # noqa: NPY002
+        float(np.random.standard_normal()),  # noqa: NPY002
+        torch.rand(4).tolist(),
+        aug({"image": image.clone()})["image"].tolist(),
+    ]
+
+
+def test_rng_state_round_trip_loads_weights_only(tmp_path: Path) -> None:
+    aug = _augmentation()
+    aug.set_random_state(7)  # as MONAI's DataLoader seeds a dataset's transforms
+    owners = ckpt_mod._randomizable_owners({"dataset": [aug]})
+    # the Compose, both transforms and the array transforms inside them draw from their own generators
+    assert aug in owners and aug.transforms[0] in owners and aug.transforms[0].rand_affine in owners
+    assert len(owners) == len({id(o) for o in owners})
+
+    _seed_all(1)
+    random.gauss(0.0, 1.0)  # leaves a cached Gaussian in random's state ...
+    np.random.standard_normal()  # noqa: NPY002 - ... and in NumPy's (has_gauss=1)
+    image = torch.rand(1, 8, 8)
+    path = atomic_torch_save({"rng": RNGState(aug).state_dict()}, tmp_path / "checkpoint_epoch=1.pt")
+    expected = _draws(aug, image)
+
+    _seed_all(99)
+    aug.set_random_state(99)
+    assert _draws(aug, image) != expected
+    state = load_checkpoint(path)["rng"]  # torch.load(weights_only=True): no ndarray, no pickled class
+    RNGState(aug).load_state_dict(state)  # a second instance, as the loader's load_dict holds its own
+    assert _draws(aug, image) == expected
+    if not torch.cuda.is_available():
+        assert state["cuda"] == [] and state["cuda_current"] == -1
+
+
+def test_rng_state_malformed_and_other_config() -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        RNGState().load_state_dict({"python": {}})
+    aug = _augmentation()
+    state = RNGState().state_dict()  # saved without transforms
+    before = aug.transforms[1].R.get_state()[1].copy()
+    RNGState(aug).load_state_dict(state)  # global generators restored; transforms left as they are (warning)
+    assert np.array_equal(aug.transforms[1].R.get_state()[1], before)
+
+
+def _shuffled_run(max_epochs: int, ckpt_dir: Path, with_rng: bool = True) -> list[tuple]:
+    """A trainer over a shuffling DataLoader whose step draws from torch, random and NumPy; it resumes from
+    ``ckpt_dir`` and saves there every epoch. Returns (iteration, batch, draws) of every iteration run."""
+    _seed_all(0)  # as the bundles' set_determinism at every start, resumed or not
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, shuffle=True)
+    seen: list[tuple] = []
+
+    def step(engine: Engine, batch: torch.Tensor) -> None:
+        draws = (torch.rand(1).item(), random.random(), float(np.random.rand()))  # noqa: NPY002
+        seen.append((engine.state.iteration, batch.tolist(), draws))
+
+    trainer = Engine(step)
+    objs: dict = {"trainer": trainer, "rng": RNGState()} if with_rng else {"trainer": trainer}
+    ResumeCheckpointLoader(ckpt_dir, objs).attach(trainer)
+    AtomicCheckpointSaver(str(ckpt_dir), objs, save_interval=1, n_saved=2).attach(trainer)
+    trainer.run(loader, max_epochs=max_epochs)
+    return seen
+
+
+def test_resume_restores_shuffle_order_and_random_draws(tmp_path: Path) -> None:
+    ref = _shuffled_run(3, tmp_path / "ref")
+    assert [b for _, b, _ in ref[:4]] != [b for _, b, _ in ref[4:8]]  # the order changes between epochs
+
+    _shuffled_run(2, tmp_path / "run")
+    assert "rng" in load_checkpoint(tmp_path / "run" / "checkpoint_epoch=2.pt")
+    resumed = _shuffled_run(3, tmp_path / "run")
+    assert resumed == ref[8:]  # epoch 3: same iterations, same batches, same random numbers
+
+    # without the RNG state the resumed epoch replays the seeded start instead (what this test guards against)
+    _shuffled_run(2, tmp_path / "no_rng", with_rng=False)
+    assert _shuffled_run(3, tmp_path / "no_rng", with_rng=False) != ref[8:]
+
+
+def test_resume_old_checkpoint_without_rng_or_budget_state(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Checkpoints written before RNG states and budget time were saved still resume, with warnings."""
+    net, opt, _ = make_parts()
+    old_trainer = make_trainer(net, opt, 1)
+    AtomicCheckpointSaver(str(tmp_path), {"net": net, "trainer": old_trainer}, save_interval=1).attach(
+        old_trainer
+    )
+    old_trainer.run()
+    assert set(load_checkpoint(tmp_path / "checkpoint_epoch=1.pt")["trainer"]) == {
+        "epoch_length",
+        "iteration",
+        "max_epochs",
+    }
+
+    trainer = make_trainer(net, opt, 2, [TimeBudget(10.0)])
+    loader = ResumeCheckpointLoader(tmp_path, {"net": net, "trainer": trainer, "rng": RNGState()})
+    loader.attach(trainer)
+    with caplog.at_level(logging.WARNING):
+        trainer.run()
+    assert trainer.state.iteration == 2 * ITERS_PER_EPOCH  # resumed at epoch 1, not restarted
+    assert "has no 'rng' entry" in caplog.text
+    assert "budget_elapsed_seconds" in caplog.text
