@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 
 import engines.bundle as bundle
 from engines.bundle import BudgetCosineLR, TimeBudget, lr_schedule_handler
@@ -71,3 +71,47 @@ def test_lr_schedule_handler_picks_by_budget() -> None:
         BudgetCosineLR(opt, 0)
     with pytest.raises(ValueError, match="min_lr_ratio"):
         BudgetCosineLR(opt, 1, min_lr_ratio=2)
+
+
+def test_time_budget_and_its_lr_schedule_continue_after_a_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget time spent is part of the trainer's state dict: a resumed run stops and anneals as the
+    uninterrupted run would, instead of starting a full budget (and a new warm-up) again."""
+    clock = Clock()
+    monkeypatch.setattr(bundle.time, "monotonic", clock)
+
+    def make() -> tuple[Engine, list[float]]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        seen: list[float] = []
+
+        def step(engine: Engine, _: object) -> None:
+            seen.append(opt.param_groups[0]["lr"])
+            clock.now += 10.0
+
+        engine = Engine(step)
+        BudgetCosineLR(opt, minutes=1.0, warmup_iterations=3).attach(engine)
+        TimeBudget(1.0).attach(engine)
+        return engine, seen
+
+    ref, ref_lrs = make()
+    ref.run(range(2), max_epochs=10)
+    assert ref.state.iteration == 7  # 70 s > 60 s after the 7th iteration
+
+    clock.now = 0.0
+    first, _ = make()
+    first.run(range(2), max_epochs=2)  # 40 s of the 60 s budget
+    saved = first.state_dict()
+    assert saved[bundle.BUDGET_ELAPSED_KEY] == pytest.approx(40.0)
+
+    clock.now = 1000.0  # a later start: only the time spent training counts
+    resumed, lrs = make()
+    # as engines.ResumeCheckpointLoader does: the saved state, with this run's max_epochs
+    resumed.add_event_handler(Events.STARTED, lambda e: e.load_state_dict({**saved, "max_epochs": 10}))
+    resumed.run(range(2), max_epochs=10)
+    assert resumed.state.iteration == ref.state.iteration
+    assert lrs == pytest.approx(ref_lrs[4:])
+    assert resumed.state_dict()[bundle.BUDGET_ELAPSED_KEY] == pytest.approx(70.0)
+
+    clock.now = 0.0
+    fresh, _ = make()
+    fresh.run(range(2), max_epochs=10)  # nothing loaded: a full budget
+    assert fresh.state.iteration == 7
