@@ -378,3 +378,26 @@ def test_resume_old_checkpoint_without_rng_or_budget_state(
     assert trainer.state.iteration == 2 * ITERS_PER_EPOCH  # resumed at epoch 1, not restarted
     assert "has no 'rng' entry" in caplog.text
     assert "budget_elapsed_seconds" in caplog.text
+
+
+def test_rng_state_cuda_states(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA generators (faked: no GPU needed): all devices are saved; on loading, all are restored and the
+    current device gets the state of the device current at saving (DDP: rank r's cuda:r continues from the
+    saving rank's cuda:0, as it would have in the uninterrupted run, every rank being seeded alike)."""
+    states = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+    restored: dict[int, torch.Tensor] = {}
+    current = {"device": 0}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(int(device), s))
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state_all", lambda ss: [restored.__setitem__(i, s) for i, s in enumerate(ss)]
+    )
+
+    saved = RNGState().state_dict()
+    assert saved["cuda_current"] == 0 and [int(s[0]) for s in saved["cuda"]] == [0, 1, 2]
+    current["device"] = 2  # the loading process trains on cuda:2
+    RNGState().load_state_dict(saved)
+    assert {d: int(s[0]) for d, s in restored.items()} == {0: 0, 1: 1, 2: 0}
