@@ -45,6 +45,7 @@ from data_prep.atomic import atomic_path
 from transforms.errors import InputDataError
 
 __all__ = [
+    "check_dicom_series",
     "dicom_to_nifti",
     "image_suffix",
     "read_dicom_series",
@@ -388,28 +389,27 @@ def _sorted_slices(folder: Path, items: list[tuple[Path, pydicom.Dataset]]) -> l
     return files
 
 
-def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
-    """Read one DICOM series from a folder with SimpleITK, after checking it is complete and consistent.
+def check_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> list[Path]:
+    """Check that a folder holds one complete, consistent DICOM series; return its slices in order.
 
     The folder's files (not sub-folders) are scanned with pydicom; non-DICOM files and a DICOMDIR are
     ignored. The selected series' slices must share one orientation and size, sit at distinct positions
     along the slice normal, and have no gap larger than 1.5 times the median slice spacing; every slice
-    must carry complete pixel data. The slices are then read by ``SimpleITK.ImageSeriesReader`` in
-    order along the normal (as GDCM sorts them), so the image's direction, spacing and origin are the
-    series' LPS geometry.
+    must carry complete pixel data. Used before any reader (SimpleITK here, MONAI's ``PydicomReader`` in
+    the bundles' loading transforms), neither of which notices a missing or duplicated slice.
 
     Args:
         folder: folder holding the series.
-        series_uid: SeriesInstanceUID to read when the folder holds several series.
+        series_uid: SeriesInstanceUID to check when the folder holds several series.
 
     Returns:
-        The 3D image (rescale slope/intercept applied by GDCM).
+        The slice files sorted along the slice normal.
 
     Raises:
         InputDataError: naming the folder when it is missing, holds no DICOM images, holds several series
             and none was chosen (or the chosen one is absent), or has missing / duplicated slices, mixed
-            orientations or sizes, or SimpleITK fails to read it; naming the file when a slice has no or
-            truncated pixel data or lacks its position/orientation.
+            orientations or sizes; naming the file when a slice has no or truncated pixel data or lacks its
+            position/orientation.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -439,7 +439,34 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) 
         except Exception as err:
             raise InputDataError(f"unreadable DICOM file ({_one_line(err)})", path) from err
         _check_pixel_data(ds, path)
-    files = _sorted_slices(folder, items)
+    return _sorted_slices(folder, items)
+
+
+def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None) -> sitk.Image:
+    """Read one DICOM series from a folder with SimpleITK, after checking it is complete and consistent.
+
+    The folder's files (not sub-folders) are scanned with pydicom; non-DICOM files and a DICOMDIR are
+    ignored. The selected series' slices must share one orientation and size, sit at distinct positions
+    along the slice normal, and have no gap larger than 1.5 times the median slice spacing; every slice
+    must carry complete pixel data. The slices are then read by ``SimpleITK.ImageSeriesReader`` in
+    order along the normal (as GDCM sorts them), so the image's direction, spacing and origin are the
+    series' LPS geometry.
+
+    Args:
+        folder: folder holding the series.
+        series_uid: SeriesInstanceUID to read when the folder holds several series.
+
+    Returns:
+        The 3D image (rescale slope/intercept applied by GDCM).
+
+    Raises:
+        InputDataError: naming the folder when it is missing, holds no DICOM images, holds several series
+            and none was chosen (or the chosen one is absent), or has missing / duplicated slices, mixed
+            orientations or sizes, or SimpleITK fails to read it; naming the file when a slice has no or
+            truncated pixel data or lacks its position/orientation.
+    """
+    folder = Path(folder)
+    files = check_dicom_series(folder, series_uid)
 
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([os.fspath(f) for f in files])

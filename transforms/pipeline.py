@@ -111,6 +111,12 @@ class LoadVolumed(LoadImaged):
             chosen = reader
             if chosen is None and self._dicom_reader is not None and names and is_dicom_path(names):
                 chosen = self._dicom_reader
+            if names and len(names) == 1 and os.path.isdir(names[0]) and is_dicom_path(names):
+                # PydicomReader stacks whatever slices the folder holds: a missing or duplicated slice, a
+                # second series or mixed orientations would give a silently wrong volume
+                from data_prep.dicom import check_dicom_series
+
+                check_dicom_series(names[0])
             try:
                 d[key] = self._loader(path, chosen)
             except InputDataError:
@@ -186,6 +192,8 @@ def volume_loading_transforms(
     on_constant: str = "fill",
     image_interp: str = "bilinear",
     reader: ImageReader | str | None = None,
+    allow_constant: bool = True,
+    min_value: float | None = None,
 ) -> InputCheckedCompose:
     """Transforms that load 3D volumes (and their masks) as checked, RAS, normalised MetaTensors.
 
@@ -213,6 +221,10 @@ def volume_loading_transforms(
         on_constant: ``"fill"`` or ``"raise"`` for constant images, see the normalisation transforms.
         image_interp: interpolation of images in ``Spacingd``.
         reader: force one reader for every file (see :class:`LoadVolumed`).
+        allow_constant: if False, an image whose voxels all share one value (an all-zero export, a blank
+            series) is an error naming the file; inference sets this (there is nothing to detect or classify).
+        min_value: images with voxels below it are an error (see :class:`~transforms.validate.CheckImage`;
+            the MRI bundles' inference uses -200 to refuse CT Hounsfield units).
 
     Returns:
         An :class:`InputCheckedCompose` (a ``monai.transforms.Compose``).
@@ -231,7 +243,13 @@ def volume_loading_transforms(
     xforms: list[Any] = [
         LoadVolumed(all_keys, reader=reader),
         EnsureChannelFirstd(all_keys),
-        CheckImaged(keys, expected_spatial_dims=3, expected_channels=expected_channels),
+        CheckImaged(
+            keys,
+            expected_spatial_dims=3,
+            expected_channels=expected_channels,
+            allow_constant=allow_constant,
+            min_value=min_value,
+        ),
     ]
     if mask_keys:
         xforms.append(CheckImaged(mask_keys, expected_spatial_dims=3))
@@ -313,6 +331,8 @@ def slice_loading_transforms(
     b_max: float = 1.0,
     on_constant: str = "fill",
     reader: ImageReader | str | None = None,
+    allow_constant: bool = True,
+    min_value: float | None = None,
 ) -> InputCheckedCompose:
     """Transforms that load 2D slices (NIfTI, DICOM, PNG/JPEG) as checked, square, one-channel images.
 
@@ -333,6 +353,8 @@ def slice_loading_transforms(
         b_max: output maximum.
         on_constant: ``"fill"`` or ``"raise"`` for constant images.
         reader: force one reader for every file.
+        allow_constant: if False, a slice whose pixels all share one value is an error naming the file.
+        min_value: slices with values below it are an error (see :class:`~transforms.validate.CheckImage`).
 
     Returns:
         An :class:`InputCheckedCompose`.
@@ -348,7 +370,13 @@ def slice_loading_transforms(
         LoadVolumed(keys, reader=reader),
         EnsureChannelFirstd(keys),
         Greyscaled(keys),
-        CheckImaged(keys, expected_spatial_dims=2, expected_channels=1),
+        CheckImaged(
+            keys,
+            expected_spatial_dims=2,
+            expected_channels=1,
+            allow_constant=allow_constant,
+            min_value=min_value,
+        ),
         Resized(keys, spatial_size=size, size_mode="longest", mode="bilinear", anti_aliasing=True),
         SpatialPadd(keys, spatial_size=(size, size), value=0.0),
         EnsureTyped(keys, track_meta=False),

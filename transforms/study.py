@@ -33,6 +33,9 @@ class LoadStudyd(MapTransform):
         b_max: intensity of the 99.5th percentile.
         max_views: most views accepted per study.
         label_key: the findings vector to convert (None: none).
+        allow_constant: if False, a view whose pixels all share one value is an error (inference sets it).
+        min_value: views with values below it are an error (e.g. CT Hounsfield units; see
+            :class:`transforms.validate.CheckImage`).
         allow_missing_keys: skip absent keys.
 
     Raises:
@@ -48,13 +51,21 @@ class LoadStudyd(MapTransform):
         b_max: float = 1.0,
         max_views: int = 5,
         label_key: str | None = "labels",
+        allow_constant: bool = True,
+        min_value: float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.max_views = int(max_views)
         self.label_key = label_key
         self.per_view = slice_loading_transforms(
-            ("image",), image_size, normalise=True, b_min=b_min, b_max=b_max
+            ("image",),
+            image_size,
+            normalise=True,
+            b_min=b_min,
+            b_max=b_max,
+            allow_constant=allow_constant,
+            min_value=min_value,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -140,10 +140,14 @@ class CheckImage(Transform):
             axis became channels (a time series, a stack of b-values) is reported as "4D".
         allow_nonfinite: if False, NaN or Inf voxels are an error.
         allow_constant: if False, an image whose voxels all have the same value is an error.
+        min_value: voxels below this value are an error; ``None`` skips. The MRI bundles set -200: MR
+            magnitude images are non-negative and z-scored or rescaled ones stay far above it, while a CT in
+            Hounsfield units (air -1000) fed to an MRI model falls below it and would otherwise be
+            normalised into a plausible-looking but meaningless input.
 
     Raises:
         InputDataError: from ``__call__``, naming the file, for an empty image, a wrong dimensionality or
-            channel count, non-finite voxels or (optionally) a constant image.
+            channel count, non-finite voxels, (optionally) a constant image or values below ``min_value``.
     """
 
     def __init__(
@@ -152,11 +156,13 @@ class CheckImage(Transform):
         expected_channels: int | None = None,
         allow_nonfinite: bool = False,
         allow_constant: bool = True,
+        min_value: float | None = None,
     ) -> None:
         self.expected_spatial_dims = expected_spatial_dims
         self.expected_channels = expected_channels
         self.allow_nonfinite = allow_nonfinite
         self.allow_constant = allow_constant
+        self.min_value = min_value
 
     def __call__(self, img: torch.Tensor, name: str | None = None) -> torch.Tensor:
         """Check ``img``.
@@ -172,6 +178,14 @@ class CheckImage(Transform):
         shape = tuple(img.shape)
         spatial_dims = len(shape) - 1
         if self.expected_spatial_dims is not None and spatial_dims != self.expected_spatial_dims:
+            if _is_channel_last_file(img) and shape[0] > 1:
+                # the file's last axis became channels: name the dimensionality the user stored
+                stored = (*shape[1:], shape[0])
+                raise InputDataError(
+                    f"is {len(stored)}D (shape {stored} as stored) where a {self.expected_spatial_dims}D "
+                    "image is expected",
+                    name,
+                )
             raise InputDataError(
                 f"is {spatial_dims}D (spatial shape {shape[1:]}, channel-first shape {shape}) where a "
                 f"{self.expected_spatial_dims}D volume is expected",
@@ -196,6 +210,17 @@ class CheckImage(Transform):
             t = torch.as_tensor(img)
             if bool(t.max() == t.min()):
                 raise InputDataError(f"is constant (every voxel is {t.flatten()[0].item()})", name)
+        if self.min_value is not None:
+            t = torch.as_tensor(img)
+            lo = float(t.min())
+            if lo < self.min_value:
+                hi = float(t.max())
+                raise InputDataError(
+                    f"has values down to {lo:g} (range [{lo:g}, {hi:g}]), below the {self.min_value:g} this "
+                    "bundle accepts: MRI and radiograph intensities are non-negative; is this a CT in Hounsfield "
+                    "units or another modality?",
+                    name,
+                )
         return img
 
 
@@ -208,6 +233,7 @@ class CheckImaged(MapTransform):
         expected_channels: see :class:`CheckImage`.
         allow_nonfinite: see :class:`CheckImage`.
         allow_constant: see :class:`CheckImage`.
+        min_value: see :class:`CheckImage`.
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -218,10 +244,13 @@ class CheckImaged(MapTransform):
         expected_channels: int | None = None,
         allow_nonfinite: bool = False,
         allow_constant: bool = True,
+        min_value: float | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.checker = CheckImage(expected_spatial_dims, expected_channels, allow_nonfinite, allow_constant)
+        self.checker = CheckImage(
+            expected_spatial_dims, expected_channels, allow_nonfinite, allow_constant, min_value
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         """Check every key; returns a shallow copy of ``data``."""
