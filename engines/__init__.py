@@ -14,6 +14,14 @@ from engines.anomaly import (
     to_model_size,
 )
 from engines.anomaly_eval import AnomalyEvaluator, PostProcess, healthy_thresholds, intensity_baseline_map
+from engines.batch import (
+    BatchInputError,
+    BatchVolumeInference,
+    FailureLog,
+    InputFailure,
+    SafeCheckpointLoader,
+    describe_failure,
+)
 from engines.bundle import BudgetCosineLR, TimeBudget, bundle_root, demo_dataset_dir, lr_schedule_handler
 from engines.checkpoint import (
     AtomicCheckpointSaver,
@@ -136,15 +144,19 @@ __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
     "AutoencoderKLLoss",
+    "BatchInputError",
+    "BatchVolumeInference",
     "BudgetCosineLR",
     "ClassConditionalDiffusionInferer",
     "ClassifierEvaluation",
     "ClassifierInference",
     "ConfigOverrideError",
     "CorruptClean",
+    "FailureLog",
     "GuidedChainFigureHandler",
     "GuidedDDIMInferer",
     "HealthyThresholdHandler",
+    "InputFailure",
     "LatentClassifierPrepareBatch",
     "LatentDiffusionPrepareBatch",
     "LatentEncoder",
@@ -161,6 +173,7 @@ __all__ = [
     "ReconstructionFigureHandler",
     "ResumeCheckpointLoader",
     "RobustnessEvaluation",
+    "SafeCheckpointLoader",
     "SimplexDiffusionPrepareBatch",
     "SliceDataset",
     "StudyEvaluation",
@@ -190,6 +203,7 @@ __all__ = [
     "conformity_scores",
     "default_tracking_uri",
     "demo_dataset_dir",
+    "describe_failure",
     "expected_calibration_error",
     "experiment_name",
     "explain_fixed_slices",

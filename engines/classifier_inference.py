@@ -52,6 +52,8 @@ class ClassifierInference:
         alpha: miscoverage rate of the set (one of those calibrated).
         device: where the model runs.
         model_name: recorded in the output.
+        allow_failures: when some inputs fail, end :meth:`run` normally (the failures are reported in
+            ``failures.json`` either way) instead of raising once the others are done.
 
     Raises:
         InputDataError: the conformal file is missing or calibrated for other classes.
@@ -73,8 +75,10 @@ class ClassifierInference:
         alpha: float = 0.1,
         device: torch.device | str = "cpu",
         model_name: str = "",
+        allow_failures: bool = False,
     ) -> None:
         self.model, self.class_names = model, list(class_names)
+        self.allow_failures = bool(allow_failures)
         self.conformal = load_conformal(conformal_file, self.class_names)
         self.slice_loader, self.volume_loader, self.normalise = slice_loader, volume_loader, normalise
         self.output_dir = Path(output_dir)
@@ -184,14 +188,33 @@ class ClassifierInference:
         return record
 
     def run(self, paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[dict[str, Any]]:
-        """Classify every file.
+        """Classify every file; a file that fails is reported and skipped, the others are still classified.
 
         Args:
             paths: one path or several.
 
         Returns:
-            The records, in order.
+            The records of the files classified, in order.
+
+        Raises:
+            BatchInputError: after every other file was classified and written, when some failed and
+                ``allow_failures`` is False; ``<output_dir>/failures.json`` lists them (it is written either
+                way).
+            InputDataError: no path given.
         """
+        from engines.batch import FailureLog
+
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
-        return [self(p) for p in paths]
+        paths = list(paths)
+        if not paths:
+            raise InputDataError("no inputs to classify (empty input list)")
+        failures = FailureLog(self.output_dir)
+        records = []
+        for p in paths:
+            try:
+                records.append(self(p))
+            except Exception as e:  # one bad file must not stop the batch
+                failures.record(p, e)
+        failures.finish(len(paths), self.allow_failures)
+        return records

@@ -26,6 +26,7 @@ from engines.study import (
     write_rows,
 )
 from engines.tracking import log_comparison_runs
+from transforms.errors import InputDataError
 
 __all__ = ["StudyEvaluation", "StudyInference", "linear_probe_run", "study_id"]
 
@@ -269,14 +270,26 @@ class StudyInference:
     ``embedding_file``) and ``<id>_embedding.npy``, where ``<id>`` is :func:`study_id` (a hash: file names
     can carry patient identifiers), and ``predictions.csv`` with one row per study.
 
+    Studies are given either as ``data`` + ``transform`` (the bundle's way: each study is loaded on its own,
+    so a study with a bad view is reported in ``failures.json`` and skipped while the others are predicted)
+    or as a ready ``loader`` of collated batches (no per-study error handling).
+
     Args:
         classifier: a fine-tuned :class:`networks.study_vit.StudyClassifier` (its encoder gives the
             embedding).
         loader: collated studies (:func:`transforms.study.collate_studies`) with the ``views`` paths kept
-            under ``view_paths``.
+            under ``view_paths``; ``None`` when ``data`` is given.
         findings: label names.
         output_dir: output folder.
         device: where to compute.
+        data: study dicts (``views``: list of paths) to load one by one with ``transform``.
+        transform: loads one study dict (keeping the paths under ``view_paths``).
+        batch_size: studies per forward pass with ``data``.
+        allow_failures: with ``data``, end normally when some studies failed instead of raising after the
+            others were written.
+
+    Raises:
+        ValueError: neither or both of ``loader`` and ``data``, or ``data`` without ``transform``.
     """
 
     def __init__(
@@ -286,17 +299,70 @@ class StudyInference:
         findings: Sequence[str],
         output_dir: str | os.PathLike,
         device: str | torch.device = "cpu",
+        data: Sequence[Mapping[str, Any]] | None = None,
+        transform: Any = None,
+        batch_size: int = 8,
+        allow_failures: bool = False,
     ) -> None:
+        if (loader is None) == (data is None):
+            raise ValueError("StudyInference needs exactly one of loader and data.")
+        if data is not None and transform is None:
+            raise ValueError("StudyInference: data needs a transform to load each study.")
         self.classifier, self.loader, self.findings = classifier, loader, list(findings)
         self.output_dir, self.device = Path(output_dir), device
+        self.data = None if data is None else list(data)
+        self.transform, self.batch_size, self.allow_failures = (
+            transform,
+            int(batch_size),
+            bool(allow_failures),
+        )
+        self.failures: Any = None
+
+    def _batches(self) -> Any:
+        """Collated batches of the studies that loaded; failed studies are recorded and skipped."""
+        from engines.batch import FailureLog
+        from transforms.study import collate_studies
+
+        if self.data is None:
+            yield from self.loader
+            return
+        self.failures = FailureLog(self.output_dir, what="study")
+        pending: list[Any] = []
+        for item in self.data:
+            views = item.get("views") if isinstance(item, Mapping) else None
+            where = ", ".join(os.fspath(v) for v in views) if isinstance(views, (list, tuple)) else str(views)
+            try:
+                loaded = self.transform(dict(item))
+                # only what prediction needs: datalist items may carry different extra keys, which
+                # MONAI's collation cannot batch together
+                pending.append({"views": loaded["views"], "view_paths": loaded["view_paths"]})
+            except Exception as e:  # one bad study must not stop the others
+                self.failures.record(f"study [{where}]", e)
+                continue
+            if len(pending) == self.batch_size:
+                yield collate_studies(pending)
+                pending = []
+        if pending:
+            yield collate_studies(pending)
 
     @torch.no_grad()
     def run(self) -> list[dict[str, Any]]:
-        """Predict every study; returns the written records."""
+        """Predict every study.
+
+        Returns:
+            The written records.
+
+        Raises:
+            BatchInputError: with ``data``, after every other study was written, when some failed and
+                ``allow_failures`` is False (``failures.json`` lists them).
+            InputDataError: ``data`` is empty.
+        """
+        if self.data is not None and not self.data:
+            raise InputDataError("no studies to predict (empty input list)")
         self.classifier.eval()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         records = []
-        for batch in self.loader:
+        for batch in self._batches():
             views, mask = batch["views"].to(self.device), batch["view_mask"].to(self.device)
             emb = self.classifier.encoder(views, mask)
             probs = torch.sigmoid(self.classifier.head(emb)).cpu().numpy()
@@ -319,6 +385,8 @@ class StudyInference:
             [{"study_id": r["study_id"], "n_views": r["n_views"], **r["findings"]} for r in records],
         )
         logger.info("wrote predictions of %d studies to %s", len(records), self.output_dir)
+        if self.failures is not None:
+            self.failures.finish(len(self.data or []), self.allow_failures)
         return records
 
 
