@@ -11,20 +11,39 @@ MONAI/MLflow this module relies on (MONAI 1.6, MLflow 3):
 * ``MLFlowHandler`` has no argument for run tags and logs all parameters in one ``log_batch`` call,
   which MLflow limits to 100 entries and which fails when a parameter is logged again with another
   value (a resumed run); :class:`TaggedMLFlowHandler` fixes these three.
+* With its defaults, the MLflow client retries a failed HTTP request 7 times with exponential
+  backoff and a 120 s timeout (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``..._BACKOFF_FACTOR``,
+  ``..._TIMEOUT``, read at every request), so each call to a dead server stalls for minutes and then
+  raises ``MlflowException``; MONAI's handler lets that exception stop the engine.
+
+Tracking outages therefore never stop a training or an evaluation here: an http(s) server is probed
+(``GET <uri>/health``) when a run starts, every MLflow call of :class:`TaggedMLFlowHandler` and
+:func:`log_comparison_runs` is guarded, and when the tracking store is unreachable or a call fails
+the run is logged to a local fallback SQLite store instead (:func:`fallback_store_path`, tagged
+``fallback_of=<uri>``), with the metrics logged so far replayed into it. See "When the server is
+down" in ``docs/tracking.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import logging
 import os
+import re
 import shutil
+import ssl
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+import time
+import urllib.error
+import urllib.request
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monai.handlers import MLFlowHandler
-from monai.utils import path_to_sqlite_uri
+from monai.utils import flatten_dict, path_to_sqlite_uri, path_to_uri
 
 from data_prep.datalist import datalist_hash
 from engines.outputs import loss_from_output
@@ -33,16 +52,27 @@ if TYPE_CHECKING:
     from ignite.engine import Engine
 
 try:  # MLflow's own limits, so truncation follows the installed version
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
+    from mlflow.utils.validation import (
+        MAX_METRICS_PER_BATCH,
+        MAX_PARAM_VAL_LENGTH,
+        MAX_PARAMS_TAGS_PER_BATCH,
+        MAX_TAG_VAL_LENGTH,
+    )
 except ImportError:  # pragma: no cover - the values of MLflow 2.x/3.x
     MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH = 6000, 8000, 100
+    MAX_METRICS_PER_BATCH = 1000
 
 __all__ = [
     "EXPERIMENTS",
+    "FALLBACK_STORE_NAME",
+    "HTTP_RETRY_DEFAULTS",
     "MAX_PARAM_VAL_LENGTH",
+    "PROBE_TIMEOUT",
     "TaggedMLFlowHandler",
+    "bound_http_retries",
     "default_tracking_uri",
     "experiment_name",
+    "fallback_store_path",
     "flatten_params",
     "git_commit",
     "log_comparison_runs",
@@ -63,6 +93,107 @@ EXPERIMENTS: dict[str, str] = {
 #: the folder holding this package: its git commit identifies the code that produced a run
 _PROJECT_DIR = Path(__file__).resolve().parent.parent
 
+#: file name of the local SQLite store a run falls back to when its tracking store is unavailable;
+#: its artifacts go to the folder of the same name without ``.db``
+FALLBACK_STORE_NAME = "mlruns-fallback.db"
+
+#: seconds the start-of-run reachability probe of an http(s) tracking server waits
+PROBE_TIMEOUT = 3.0
+
+#: MLflow HTTP client settings used when the tracking URI is http(s) and the user has not set them.
+#: MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) make every call to a dead server
+#: stall for minutes; these bound one failed call to about 3 s when the connection is refused and to
+#: about a minute when the host does not answer at all, while leaving 20 s for a slow response (the
+#: timeout is per socket operation, not per upload, so larger artifacts are not cut off).
+HTTP_RETRY_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+#: tracking URI (credentials removed) → why it was found unreachable, for this process: the other
+#: handlers and evaluations of the process then go straight to their fallback store instead of each
+#: stalling on MLflow's retries first
+_UNREACHABLE: dict[str, str] = {}
+#: URIs whose switch to the fallback store has been announced as a WARNING (later ones: INFO)
+_ANNOUNCED: set[str] = set()
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _redact(text: str) -> str:
+    """``text`` without ``user:password@`` of the URIs it contains (tags and logs are shared)."""
+    return _CREDENTIALS.sub("", text)
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    """One line describing ``exc``, credentials removed (MLflow's messages repeat the request URL)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return _truncate(_redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__), limit)
+
+
+def _is_http(uri: str) -> bool:
+    return uri.lower().startswith(("http://", "https://"))
+
+
+def bound_http_retries(uri: str) -> None:
+    """Bound MLflow's HTTP retries for this process when ``uri`` is an http(s) server.
+
+    Each of :data:`HTTP_RETRY_DEFAULTS` is set in ``os.environ`` unless the user has set it
+    (``os.environ.setdefault``); MLflow reads them at every request, so this takes effect at once.
+
+    Args:
+        uri: the tracking URI; anything but http(s) leaves the environment unchanged.
+    """
+    if _is_http(uri):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+
+def _probe(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the tracking server at ``uri`` cannot be reached, or ``None`` if it answered.
+
+    ``GET <uri>/health`` (the MLflow server's health endpoint). Any HTTP answer, even an error
+    status (a reverse proxy without that path, a login), counts as reachable: only the absence of a
+    server is decided here, everything else is left to MLflow's own calls. So is a TLS failure,
+    since the probe does not know the CA settings MLflow would use.
+    """
+    url = _redact(uri).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            return None
+        return _redact(f"GET {url}: {exc.reason}")
+    except (OSError, http.client.HTTPException) as exc:  # timeout, reset, a closed connection
+        return _redact(f"GET {url}: {_short(exc)}")
+    except ValueError:  # a URL urllib cannot parse: MLflow will say what is wrong with it
+        return None
+
+
+def _unreachable_reason(uri: str) -> str | None:
+    """Why ``uri`` is unusable right now: found earlier in this process, or by a probe (http(s) only)."""
+    key = _redact(uri)
+    if key in _UNREACHABLE:
+        return _UNREACHABLE[key]
+    if not _is_http(uri):
+        return None
+    reason = _probe(uri)
+    if reason is not None:
+        _UNREACHABLE[key] = reason
+    return reason
+
+
+def _announce(uri: str, message: str, *args: Any) -> None:
+    """Log a switch to the fallback store: a WARNING the first time for ``uri``, INFO afterwards."""
+    key = _redact(uri)
+    level = logging.INFO if key in _ANNOUNCED else logging.WARNING
+    _ANNOUNCED.add(key)
+    logger.log(level, message, *args)
+
 
 def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:
     """The MLflow tracking URI all bundles share.
@@ -79,6 +210,24 @@ def default_tracking_uri(workdir: str | os.PathLike = ".") -> str:
     folder = Path(workdir).expanduser().absolute()
     folder.mkdir(parents=True, exist_ok=True)
     return path_to_sqlite_uri(folder / "mlruns.db")
+
+
+def fallback_store_path(workdir: str | os.PathLike = ".") -> Path:
+    """The local SQLite store runs fall back to when the tracking store is unavailable.
+
+    Args:
+        workdir: the folder :func:`default_tracking_uri` would put the local store in (the bundle
+            folder in the configs); not created here, only when a run actually falls back.
+
+    Returns:
+        ``<abs workdir>/mlruns-fallback.db``; its runs' artifacts go to ``<abs workdir>/mlruns-fallback/``.
+    """
+    return Path(workdir).expanduser().absolute() / FALLBACK_STORE_NAME
+
+
+def _fallback_artifacts(store: Path) -> str:
+    # beside the database, as MONAI does for its default SQLite store
+    return path_to_uri(store.with_suffix(""))
 
 
 def experiment_name(task: str) -> str:
@@ -229,8 +378,48 @@ def run_tags(
     return {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}
 
 
+class _MetricHistory:
+    """Every metric value a handler logged, kept compactly (24 bytes a value) for a replay."""
+
+    def __init__(self) -> None:
+        self._series: dict[str, tuple[array, array, array]] = {}
+
+    def add(self, metrics: Iterable[Any]) -> None:
+        """Record ``mlflow.entities.Metric`` objects; a value that is not a number is skipped (MLflow
+        would refuse it too)."""
+        for m in metrics:
+            try:
+                value = float(m.value)
+            except (TypeError, ValueError):
+                continue
+            values, stamps, steps = self._series.setdefault(m.key, (array("d"), array("q"), array("q")))
+            values.append(value)
+            stamps.append(int(m.timestamp))
+            steps.append(int(m.step))
+
+    def __len__(self) -> int:
+        return sum(len(v[0]) for v in self._series.values())
+
+    def batches(self, size: int = MAX_METRICS_PER_BATCH) -> Iterable[list[Any]]:
+        """The recorded values as ``Metric`` lists of at most ``size`` (MLflow's per-call limit)."""
+        from mlflow.entities import Metric
+
+        batch: list[Any] = []
+        for key, (values, stamps, steps) in self._series.items():
+            for value, ts, step in zip(values, stamps, steps, strict=True):
+                batch.append(Metric(key, value, ts, step))
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def clear(self) -> None:
+        self._series.clear()
+
+
 class TaggedMLFlowHandler(MLFlowHandler):
-    """``monai.handlers.MLFlowHandler`` plus run tags and safe parameter logging.
+    """``monai.handlers.MLFlowHandler`` plus run tags, safe parameter logging and a local fallback store.
 
     Differences from the MONAI handler:
 
@@ -240,31 +429,136 @@ class TaggedMLFlowHandler(MLFlowHandler):
       ``MlflowException`` MLflow raises for changed params.
     * parameters are sent in batches of MLflow's per-call limit (100), so a large flattened
       hyper-parameter dict does not fail.
+    * a tracking outage never reaches the engine. An http(s) server is probed when the engine starts
+      (``GET <uri>/health``, :data:`PROBE_TIMEOUT` seconds). If it is unreachable, or when any MLflow
+      call of the handler fails later (opening the run, metrics, params, tags, artifacts, ending the
+      run), the handler logs one WARNING and moves to ``fallback_store``: it opens the run there
+      (same name, params and tags, plus ``fallback_of=<uri>``, ``fallback_reason`` and, when the run
+      had been created on the server, ``fallback_of_run_id``), replays every metric value and
+      artifact it had logged so far, and goes on there. Failures of the fallback store itself are
+      warned about once and dropped. MLflow's HTTP retries are bounded by
+      :func:`bound_http_retries`, so a failing call stalls for seconds, not minutes.
+
+    Metric values are kept in memory (24 bytes each) until the run falls back or ends, for the replay.
+    A handler in a process where another handler or evaluation already found the URI unreachable
+    goes to its fallback store at once.
 
     Args:
         run_tags: tag name → value, set on the run at start.
+        fallback_store: the local SQLite file to fall back to (:func:`fallback_store_path`); default
+            ``<cwd>/mlruns-fallback.db``. No fallback when it is the tracking store itself: failures
+            are then warned about and dropped.
         kwargs: every argument of ``monai.handlers.MLFlowHandler``.
     """
 
-    def __init__(self, run_tags: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        run_tags: Mapping[str, Any] | None = None,
+        fallback_store: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.run_tags = {str(k): str(v) for k, v in (run_tags or {}).items()}
+        #: the store the run is meant for (``MLFLOW_TRACKING_URI`` or the argument, as MONAI resolves it)
+        self.tracking_uri: str = str(self.client.tracking_uri)
+        self.fallback_store = Path(fallback_store or fallback_store_path(".")).expanduser().absolute()
+        fallback_uri = path_to_sqlite_uri(self.fallback_store)
+        self.fallback_uri: str | None = None if fallback_uri == self.tracking_uri else fallback_uri
+        #: True once the handler logs to the fallback store
+        self.on_fallback = False
+        bound_http_retries(self.tracking_uri)
+        self._engine: Engine | None = None
+        self._history = _MetricHistory()
+        self._artifacts: list[tuple[str, str | None]] = []
+        self._fallback_tags: dict[str, str] = {}
+        self._replay_pending = False
+        self._dropped = 0
+
+    # ------------------------------------------------------------------ events
 
     def start(self, engine: Engine) -> None:
-        """Open or resume the run, log parameters once and set the tags.
+        """Open or resume the run, log parameters once and set the tags; fall back if the store is down.
 
         Args:
             engine: the Ignite engine the handler is attached to.
         """
-        super().start(engine)
-        if self.run_tags and self.cur_run is not None:
-            from mlflow.entities import RunTag
+        self._engine = engine
+        if not self.on_fallback and self.fallback_uri is not None:
+            _unreachable_reason(self.tracking_uri)  # an unreachable server: switched in _guarded
+        self._guarded("opening the run", self._open, after_switch=False)
 
-            tags = [RunTag(k, v) for k, v in self.run_tags.items()]
-            for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
-                self.client.log_batch(
-                    run_id=self.cur_run.info.run_id, tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH]
-                )
+    def complete(self) -> None:
+        """Log the ``artifacts`` files when the engine completes."""
+        if self.artifacts and self.cur_run:
+            for path in self._parse_artifacts():
+                self.log_artifact(path)
+
+    def close(self) -> None:
+        """End the run as ``FINISHED`` (in whichever store it is now) and release a SQLite store."""
+        if self.cur_run is not None:
+            self._guarded(
+                "ending the run",
+                lambda: self.client.set_terminated(self._run_id(), self.run_finish_status),
+                after_switch=True,
+            )
+        if self._dropped:
+            logger.warning(
+                "MLflow run %r: %d logging call(s) failed and were dropped; see the first warning.",
+                self.run_name,
+                self._dropped,
+            )
+            self._dropped = 0
+        self.cur_run = None
+        self._history.clear()
+        self._artifacts.clear()
+        with contextlib.suppress(Exception):  # releasing a file handle must not fail a finished run
+            self._dispose_sqlite_store()
+
+    # ------------------------------------------------------------------ logging API
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log metrics into the handler's run, with the handler's outage protection.
+
+        For other handlers that add metrics to this run (e.g. a linear probe during pretraining).
+
+        Args:
+            metrics: name → number; nested mappings become ``a/b``-style keys as in MONAI.
+            step: the step (iteration or epoch) of the values.
+        """
+        self._log_metrics(dict(metrics), step=step)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Log a file into the handler's run, with the handler's outage protection.
+
+        Args:
+            path: the local file.
+            artifact_path: folder inside the run's artifacts; ``None``: the root.
+        """
+        path = os.fspath(path)
+        if self._recording:
+            self._artifacts.append((path, artifact_path))
+        if self.cur_run is None:
+            return
+        self._guarded(
+            "logging an artifact",
+            lambda: self.client.log_artifact(self._run_id(), path, artifact_path),
+            after_switch=False,  # the switch replays the recorded artifacts, this one included
+        )
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        batch = [Metric(k, v, timestamp, step or 0) for k, v in flatten_dict(metrics).items()]
+        if self._recording:
+            self._history.add(batch)
+        if self.cur_run is None or not batch:
+            return
+        self._guarded(
+            "logging metrics",
+            lambda: self.client.log_batch(run_id=self._run_id(), metrics=batch),
+            after_switch=False,  # the switch replays the recorded history, this batch included
+        )
 
     def _log_params(self, params: dict[str, Any]) -> None:
         if not self.cur_run:
@@ -289,6 +583,160 @@ class TaggedMLFlowHandler(MLFlowHandler):
             self.client.log_batch(
                 run_id=self.cur_run.info.run_id, params=new[i : i + MAX_PARAMS_TAGS_PER_BATCH]
             )
+
+    # ------------------------------------------------------------------ outage handling
+
+    @property
+    def _recording(self) -> bool:
+        # only what could still be replayed somewhere is worth the memory
+        return not self.on_fallback and self.fallback_uri is not None
+
+    def _run_id(self) -> str:
+        # read at call time: after a switch the run is the fallback store's
+        assert self.cur_run is not None
+        return self.cur_run.info.run_id
+
+    def _open(self) -> None:
+        """Open (or resume) the named run in the current store, log params and tags, replay if due.
+
+        Raises:
+            Exception: whatever the store raises; the caller guards.
+        """
+        if self._engine is None:  # not started yet: start() will open it
+            return
+        super().start(self._engine)  # experiment, the named unfinished run or a new one, params
+        if self.cur_run is None:
+            return
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(k, v) for k, v in {**self.run_tags, **self._fallback_tags}.items()]
+        for i in range(0, len(tags), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(run_id=self._run_id(), tags=tags[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+        if self._replay_pending:
+            self._replay()
+
+    def _replay(self) -> None:
+        """Send the recorded metric history and artifacts to the (fallback) run, then forget them."""
+        self._replay_pending = False
+        n_values, n_files = len(self._history), 0
+        try:
+            for batch in self._history.batches():
+                self.client.log_batch(run_id=self._run_id(), metrics=batch)
+            for path, sub in self._artifacts:
+                if os.path.exists(path):
+                    self.client.log_artifact(self._run_id(), path, sub)
+                    n_files += 1
+        finally:
+            self._history.clear()
+            self._artifacts.clear()
+        logger.info(
+            "MLflow run %r: replayed %d metric value(s) and %d artifact(s) into the fallback store.",
+            self.run_name,
+            n_values,
+            n_files,
+        )
+
+    def _switch(self, reason: str) -> bool:
+        """Move to the fallback store: open the run there and replay what was logged so far.
+
+        Args:
+            reason: why (for the warning and the ``fallback_reason`` tag), credentials removed.
+
+        Returns:
+            ``False`` when there is nothing to switch to (already there, or no distinct fallback);
+            ``True`` once switched, even if opening the run in the fallback store failed (that is
+            warned about and counted, and the handler stays on the fallback store).
+        """
+        if self.on_fallback or self.fallback_uri is None:
+            return False
+        from mlflow import MlflowClient
+
+        primary_run = self.cur_run.info.run_id if self.cur_run is not None else None
+        _announce(
+            self.tracking_uri,
+            "MLflow tracking store %s is unavailable (%s): run %r goes on in the local fallback store %s "
+            "(tagged fallback_of); %d metric value(s) logged so far are replayed there. Training and "
+            "evaluation go on; see 'When the server is down' in docs/tracking.md.",
+            _redact(self.tracking_uri),
+            reason,
+            self.run_name,
+            self.fallback_uri,
+            len(self._history),
+        )
+        self.on_fallback = True
+        self._fallback_tags = {
+            "fallback_of": _truncate(_redact(self.tracking_uri), MAX_TAG_VAL_LENGTH),
+            "fallback_reason": _truncate(reason, MAX_TAG_VAL_LENGTH),
+        }
+        if primary_run is not None:
+            self._fallback_tags["fallback_of_run_id"] = primary_run
+        self._replay_pending = True
+        self.experiment = None
+        self.cur_run = None
+        self.artifact_location = _fallback_artifacts(self.fallback_store)
+        try:
+            self.fallback_store.parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(tracking_uri=self.fallback_uri)
+            self._open()
+        except Exception as exc:
+            self._drop("opening the run in the fallback store", exc, store=self.fallback_uri)
+        return True
+
+    def _guarded(self, what: str, call: Callable[[], Any], after_switch: bool) -> None:
+        """Run one MLflow call; on failure switch to the fallback store instead of raising.
+
+        Args:
+            what: the operation, for the warnings.
+            call: the MLflow call, using ``self.client`` and the current run at call time.
+            after_switch: also run ``call`` in the fallback store after a switch (``False`` when the
+                switch itself covers it: opening the run, replayed metrics and artifacts).
+        """
+        if not self.on_fallback:
+            known = _UNREACHABLE.get(_redact(self.tracking_uri))
+            if known is not None and self._switch(known):
+                if after_switch:
+                    self._try(what, call)
+                return
+        try:
+            call()
+            return
+        except Exception as exc:
+            failure = exc
+        # an unreachable server is remembered for the process (its other handlers switch at once);
+        # a server that answered with an error is not: the others keep using it
+        reason = _unreachable_reason(self.tracking_uri) if _is_http(self.tracking_uri) else None
+        if self._switch(f"{what} failed: {_short(failure)}" if reason is None else reason):
+            if after_switch:
+                self._try(what, call)
+        else:
+            self._drop(what, failure)
+
+    def _try(self, what: str, call: Callable[[], Any]) -> None:
+        if self.cur_run is None:
+            return
+        try:
+            call()
+        except Exception as exc:
+            self._drop(what, exc)
+
+    def _drop(self, what: str, exc: BaseException, store: str | None = None) -> None:
+        """A call that failed with nowhere left to go: warn the first time, count the others.
+
+        Args:
+            what: the operation.
+            exc: its exception.
+            store: the store it failed in; default: the current client's.
+        """
+        if self._dropped == 0:
+            logger.warning(
+                "MLflow %s failed for run %r in %s (%s); not logged, the engine goes on. Further "
+                "failures of this run are counted.",
+                what,
+                self.run_name,
+                _redact(store or str(self.client.tracking_uri)),
+                _short(exc),
+            )
+        self._dropped += 1
 
 
 def make_mlflow_handler(
@@ -315,7 +763,8 @@ def make_mlflow_handler(
             crashed run being resumed) is continued.
         method: the method (bundle) name.
         datalist: the datalist file (hashed into the params).
-        workdir: folder of the local SQLite store when ``MLFLOW_TRACKING_URI`` is unset.
+        workdir: folder of the local SQLite store when ``MLFLOW_TRACKING_URI`` is unset, and of the
+            fallback store (:func:`fallback_store_path`) used when the tracking store is unavailable.
         output_transform: ``engine.state.output`` → scalar loss (``None`` skips the iteration);
             the default reads MONAI's decollated ``"loss"``.
         dataset_name: a human-readable dataset name.
@@ -328,7 +777,9 @@ def make_mlflow_handler(
             ``epoch_log``, ``tag_name``, ``global_epoch_transform``, ``artifacts``...).
 
     Returns:
-        The handler; call ``attach(engine)`` or list it in the engine's handlers.
+        The handler (a :class:`TaggedMLFlowHandler`: tracking outages are warned about and logged to
+        the fallback store, never raised into the engine); call ``attach(engine)`` or list it in the
+        engine's handlers.
 
     Raises:
         ValueError: empty ``run_name``, unknown ``task``, or reserved names in ``hparams``/``kwargs``.
@@ -338,7 +789,9 @@ def make_mlflow_handler(
             "make_mlflow_handler: run_name is required (without it MONAI's MLFlowHandler logs into the "
             "latest unfinished run of the experiment)."
         )
-    reserved = {"tracking_uri", "experiment_name", "run_name", "experiment_param"} & set(kwargs)
+    reserved = {"tracking_uri", "experiment_name", "run_name", "experiment_param", "fallback_store"} & set(
+        kwargs
+    )
     if reserved:
         raise ValueError(f"make_mlflow_handler sets {sorted(reserved)} itself; do not pass them.")
     exp = experiment_name(task)
@@ -350,6 +803,7 @@ def make_mlflow_handler(
         run_tags={**run_tags(method, datalist, dataset_name, task=task), **dict(tags or {})},
         output_transform=output_transform,
         close_on_complete=close_on_complete,
+        fallback_store=fallback_store_path(workdir),
         **kwargs,
     )
 
@@ -369,12 +823,20 @@ def log_comparison_runs(
     child_role: str = "model",
     parent_metrics: Mapping[str, float] | None = None,
     parent_role: str = "comparison",
-) -> str:
+) -> str | None:
     """Log an evaluation as one parent run (tables, plots) and one child run per compared model.
 
     Every child gets the same metric names, so MLflow's run comparison lines the models up; the parent
     carries ``role=comparison`` and the combined artifacts, each child ``role=<child_role>`` and the
-    ``mlflow.parentRunId`` tag. A failure marks the runs ``FAILED`` and is re-raised.
+    ``mlflow.parentRunId`` tag.
+
+    A tracking outage never fails the evaluation (whose own files are written before this is called).
+    An unreachable http(s) server (probed first, or already found down in this process) or any
+    failure while logging sends the whole comparison (parent, children, metrics, params, tags,
+    artifacts) to the local fallback store (:func:`fallback_store_path`), tagged
+    ``fallback_of=<uri>`` and ``fallback_reason``, after a WARNING; runs already created in the
+    tracking store are marked ``FAILED`` when it still answers. If the fallback store fails too, that
+    is a WARNING and ``None`` is returned.
 
     Args:
         task: a key of :data:`EXPERIMENTS`.
@@ -384,7 +846,8 @@ def log_comparison_runs(
             "artifact_dir": folder logged as the child's artifacts (optional)}``.
         datalist: hashed into the params.
         dataset_name: readable dataset name.
-        workdir: folder of the local store when ``MLFLOW_TRACKING_URI`` is unset.
+        workdir: folder of the local store when ``MLFLOW_TRACKING_URI`` is unset, and of the
+            fallback store.
         hparams: params of every run.
         tags: extra tags of every run.
         parent_params: params of the parent only.
@@ -394,41 +857,55 @@ def log_comparison_runs(
         parent_role: the parent's ``role`` tag.
 
     Returns:
-        The parent run id.
-    """
-    import time
+        The parent run id (in the tracking store, or in the fallback store after a fallback);
+        ``None`` when nothing could be logged.
 
+    Raises:
+        ValueError: an unknown ``task`` or reserved names in ``hparams`` (mistakes, not outages).
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    client = MlflowClient(tracking_uri=default_tracking_uri(workdir))
+    uri = default_tracking_uri(workdir)
+    bound_http_retries(uri)
+    store = fallback_store_path(workdir)
+    fallback_uri = path_to_sqlite_uri(store)
     exp_name = experiment_name(task)
-    exp = client.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(exp_name)
     base_tags = run_tags(
         method, datalist, dataset_name, task=task, **{k: str(v) for k, v in (tags or {}).items()}
     )
     params = run_params(method, datalist, dataset_name, **dict(hparams or {}))
 
-    def log(
-        run_id: str,
-        metrics: Mapping[str, float],
-        extra_params: Mapping[str, Any],
-        run_tags_: Mapping[str, Any],
-    ):
-        ts = int(time.time() * 1000)
-        ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
-        ps = [Param(k, str(v)) for k, v in {**params, **extra_params}.items()]
-        tg = [RunTag(k, str(v)) for k, v in run_tags_.items()]
-        for i in range(0, len(ms), 1000):
-            client.log_batch(run_id, metrics=ms[i : i + 1000])
-        for i in range(0, len(ps), 100):
-            client.log_batch(run_id, params=ps[i : i + 100])
-        client.log_batch(run_id, tags=tg)
+    def write(
+        client: MlflowClient, extra_tags: Mapping[str, str], artifact_location: str | None, created: list[str]
+    ) -> str:
+        exp = client.get_experiment_by_name(exp_name)
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else client.create_experiment(exp_name, artifact_location=artifact_location)
+        )
+        all_tags = {**base_tags, **extra_tags}
 
-    parent = client.create_run(exp_id, run_name=run_name, tags=base_tags)
-    pid = parent.info.run_id
-    try:
+        def log(
+            run_id: str,
+            metrics: Mapping[str, float],
+            extra_params: Mapping[str, Any],
+            run_tags_: Mapping[str, Any],
+        ) -> None:
+            ts = int(time.time() * 1000)
+            ms = [Metric(k, float(v), ts, 0) for k, v in metrics.items()]
+            ps = [Param(k, str(v)) for k, v in {**params, **extra_params}.items()]
+            tg = [RunTag(k, str(v)) for k, v in run_tags_.items()]
+            for i in range(0, len(ms), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=ms[i : i + MAX_METRICS_PER_BATCH])
+            for i in range(0, len(ps), MAX_PARAMS_TAGS_PER_BATCH):
+                client.log_batch(run_id, params=ps[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+            client.log_batch(run_id, tags=tg)
+
+        parent = client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        pid = parent.info.run_id
+        created.append(pid)
         log(pid, dict(parent_metrics or {}), dict(parent_params or {}), {"role": parent_role})
         for path, sub in parent_artifacts:
             client.log_artifact(pid, str(path), sub)
@@ -437,23 +914,66 @@ def log_comparison_runs(
                 exp_id,
                 run_name=f"{run_name}-{name}",
                 tags={
-                    **base_tags,
+                    **all_tags,
                     **dict(child.get("tags", {})),
                     "mlflow.parentRunId": pid,
                     "role": child_role,
                 },
             )
             cid = run.info.run_id
-            try:
-                log(cid, child.get("metrics", {}), child.get("params", {}), {})
-                if child.get("artifact_dir") is not None:
-                    client.log_artifacts(cid, str(child["artifact_dir"]))
-                client.set_terminated(cid, "FINISHED")
-            except Exception:
-                client.set_terminated(cid, "FAILED")
-                raise
+            created.append(cid)
+            log(cid, child.get("metrics", {}), child.get("params", {}), {})
+            if child.get("artifact_dir") is not None:
+                client.log_artifacts(cid, str(child["artifact_dir"]))
+            client.set_terminated(cid, "FINISHED")
+            created.remove(cid)
         client.set_terminated(pid, "FINISHED")
-    except Exception:
-        client.set_terminated(pid, "FAILED")
-        raise
-    return pid
+        return pid
+
+    reason = _unreachable_reason(uri)
+    if reason is None:
+        created: list[str] = []
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            return write(client, {}, None, created)
+        except Exception as exc:
+            reason = _unreachable_reason(uri) or f"logging failed: {_short(exc)}"
+            if _redact(uri) not in _UNREACHABLE:  # it still answers: do not leave the runs RUNNING
+                for run_id in reversed(created):
+                    with contextlib.suppress(Exception):
+                        client.set_terminated(run_id, "FAILED")
+    if fallback_uri == uri:
+        logger.warning("MLflow run %r not logged to %s (%s).", run_name, _redact(uri), reason)
+        return None
+    _announce(
+        uri,
+        "MLflow tracking store %s is unavailable (%s): the evaluation run %r and its %d child run(s) go "
+        "to the local fallback store %s (tagged fallback_of). The evaluation's output files are complete; "
+        "see 'When the server is down' in docs/tracking.md.",
+        _redact(uri),
+        reason,
+        run_name,
+        len(children),
+        fallback_uri,
+    )
+    extra = {
+        "fallback_of": _truncate(_redact(uri), MAX_TAG_VAL_LENGTH),
+        "fallback_reason": _truncate(reason, MAX_TAG_VAL_LENGTH),
+    }
+    created = []
+    try:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fallback = MlflowClient(tracking_uri=fallback_uri)
+        return write(fallback, extra, _fallback_artifacts(store), created)
+    except Exception as exc:
+        logger.warning(
+            "MLflow run %r could not be logged to the fallback store %s either (%s); the evaluation's "
+            "output files are complete, only their MLflow copy is missing.",
+            run_name,
+            fallback_uri,
+            _short(exc),
+        )
+        for run_id in reversed(created):
+            with contextlib.suppress(Exception):
+                fallback.set_terminated(run_id, "FAILED")
+        return None
