@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,7 +16,13 @@ SHARED_SCHEMA = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 
 def run_bundle(
-    cfg_dir: Path, configs: list[str], work: Path, *args: str, torchrun: int = 0, port: int = 29533
+    cfg_dir: Path,
+    configs: list[str],
+    work: Path,
+    *args: str,
+    torchrun: int = 0,
+    port: int = 29533,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run`` on config files of ``cfg_dir`` in ``work`` (MLflow: SQLite there).
 
@@ -26,6 +33,7 @@ def run_bundle(
         args: further command-line overrides.
         torchrun: number of processes to launch with ``torch.distributed.run`` (0: plain run).
         port: the rendezvous port of torchrun.
+        env: environment variables set on top of the defaults, e.g. another ``MLFLOW_TRACKING_URI``.
 
     Returns:
         The finished process.
@@ -39,6 +47,7 @@ def run_bundle(
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlruns.db'}",
         "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"),
+        **dict(env or {}),
     }
     launcher = (
         [

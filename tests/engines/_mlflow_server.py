@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 #: seconds to wait for ``/health``; a cold start takes ~10 s on 2 busy cores
@@ -69,6 +70,27 @@ def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
         pass
 
 
+@dataclass
+class ServerProcess:
+    """A started ``mlflow server``: its URL and a way to make it die abruptly."""
+
+    url: str
+    proc: subprocess.Popen
+    #: the backend store the server writes (a SQLite file), to check what reached it after it died
+    store_uri: str
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (a crash, not a shutdown) and reap it."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            self.proc.poll()
+            time.sleep(0.1)
+
+
 @contextmanager
 def running_mlflow_server(root: Path, timeout: float = START_TIMEOUT) -> Iterator[str]:
     """Start ``mlflow server`` on 127.0.0.1, yield its URL, always stop it.
@@ -84,6 +106,24 @@ def running_mlflow_server(root: Path, timeout: float = START_TIMEOUT) -> Iterato
     Raises:
         RuntimeError: the server exited or was not healthy within ``timeout``; the message holds
             the tail of its log.
+    """
+    with mlflow_server_process(root, timeout) as server:
+        yield server.url
+
+
+@contextmanager
+def mlflow_server_process(root: Path, timeout: float = START_TIMEOUT) -> Iterator[ServerProcess]:
+    """Like :func:`running_mlflow_server`, but yields the process too, so a test can kill it.
+
+    Args:
+        root: folder for the backend store, the artifacts and the server log.
+        timeout: seconds to wait for ``GET /health``.
+
+    Yields:
+        The running server.
+
+    Raises:
+        RuntimeError: the server exited or was not healthy within ``timeout``.
     """
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -120,6 +160,6 @@ def running_mlflow_server(root: Path, timeout: float = START_TIMEOUT) -> Iterato
                 )
                 raise RuntimeError(f"mlflow server {why}:\n{log.read_text(errors='replace')[-4000:]}")
             time.sleep(0.5)
-        yield url
+        yield ServerProcess(url, proc, f"sqlite:///{root / 'server.db'}")
     finally:
         _stop(proc)
