@@ -4,8 +4,8 @@ Adapters (see :mod:`data_prep.adapters`)::
 
     python -m data_prep <adapter> --root DIR --out DIR [--seed 0] [--val-frac F] [--test-frac F] [options]
 
-``demo`` and ``preprocess`` forward all further arguments to ``data_prep.demo.main(argv)`` and
-``data_prep.preprocess.main(argv)`` (imported only when used).
+``demo``, ``preprocess`` and ``check`` forward all further arguments to ``data_prep.demo.main(argv)``,
+``data_prep.preprocess.main(argv)`` and ``data_prep.check.main(argv)`` (imported only when used).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ __all__ = ["build_parser", "main"]
 FORWARDED = {
     "demo": ("data_prep.demo", "create the synthetic demo data (see python -m data_prep demo --help)"),
     "preprocess": ("data_prep.preprocess", "preprocess volumes (see python -m data_prep preprocess --help)"),
+    "check": (
+        "data_prep.check",
+        "check every item of a datalist, list all faults (see python -m data_prep check --help)",
+    ),
 }
 
 
