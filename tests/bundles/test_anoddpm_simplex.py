@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 import torch
 
+from tests._catalogue import bad_volumes, check_failure_report, find_identifiers, planted_dicom
 from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
 
 BUNDLE = ROOT / "bundles" / "anoddpm_simplex"
 CFG = BUNDLE / "configs"
 
 
-def _run(configs: list[str], work: Path, *args: str, torchrun: int = 0) -> subprocess.CompletedProcess:
-    return run_bundle(CFG, configs, work, *args, torchrun=torchrun)
+def _run(
+    configs: list[str], work: Path, *args: str, torchrun: int = 0, check: bool = True
+) -> subprocess.CompletedProcess:
+    return run_bundle(CFG, configs, work, *args, torchrun=torchrun, check=check)
 
 
 _common = common_args
@@ -115,6 +118,42 @@ def test_inference_nifti_non_ras_and_dicom_keep_the_input_grid(trained: Path, de
     assert c.shape == ref.shape and np.allclose(c.affine, ref.affine, atol=1e-3)
     assert a.get_fdata().max() > 0
     assert len(list((out / "figures").glob("*.png"))) == 3
+
+
+def test_inference_batch_reports_bad_inputs_and_leaks_no_identifiers(
+    trained: Path, demo_cohort: Path, tmp_path: Path
+) -> None:
+    """Issue 8: the 14 kinds of bad volume go through inference.json beside two good inputs, one of them a
+    DICOM series carrying planted patient identifiers."""
+    good = demo_cohort / "subjects" / "sub-003" / "sub-003_T1w.nii.gz"
+    dicom = json.loads((demo_cohort / "datalists" / "dicom.json").read_text())["test"][0]
+    series = (demo_cohort / "datalists" / dicom["image"]).resolve()
+    cases = bad_volumes(good, series, tmp_path / "bad")
+    planted = planted_dicom(series, tmp_path / "series_a")
+    inputs = [str(good), *(str(p) for p, _ in cases.values()), str(planted)]
+    out = tmp_path / "maps"
+    proc = _run(
+        ["train.json", "inference.json", "smoke.json"],
+        trained,
+        *_common(demo_cohort, trained),
+        "--input", json.dumps(inputs),
+        "--output_dir", str(out),
+        "--t", "200",
+        check=False,
+    )  # fmt: skip
+    # the run fails (a scheduler must notice) only after every good input was written
+    assert proc.returncode != 0
+    assert f"{len(cases)} of {len(inputs)} input(s) failed" in proc.stderr
+    assert len(cases) >= 14
+    check_failure_report(out / "failures.json", cases, len(inputs))
+    good_map = nib.load(out / "sub-003_T1w_anomaly_map.nii.gz")
+    assert good_map.shape == nib.load(good).shape and good_map.get_fdata().max() > 0
+    assert (out / "series_0001_anomaly_map.nii.gz").is_file()  # the DICOM series, named by position
+    assert sorted(p.name for p in (out / "figures").glob("*.png")) == [
+        "volume0001.png",
+        f"volume{len(inputs):04d}.png",
+    ]
+    assert find_identifiers([out, *trained.glob("mlruns*")], [proc.stdout, proc.stderr]) == []
 
 
 def test_multi_gpu_train_on_cpu_gloo(demo_cohort: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests._catalogue import bad_volumes, check_failure_report, find_identifiers, planted_dicom
 from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
 
 CFG = ROOT / "bundles" / "ddim_classifier_guidance" / "configs"
@@ -160,22 +161,32 @@ def test_evaluate_refuses_a_healthy_index_that_disagrees_with_the_classifier(
         )  # fmt: skip
 
 
-def test_inference_maps_keep_the_input_grid(trained: Path, demo_cohort: Path) -> None:
+def test_inference_maps_keep_the_input_grid_and_bad_inputs_are_reported(
+    trained: Path, demo_cohort: Path, tmp_path: Path
+) -> None:
+    """Maps on the input grid (NIfTI and DICOM); issue 8: the 14 kinds of bad volume in the same batch are
+    reported and skipped, and the DICOM series' planted patient identifiers reach no output or log."""
     src = demo_cohort / "subjects" / "sub-002" / "sub-002_T1w.nii.gz"
     img = nib.load(src)
     dicom = json.loads((demo_cohort / "datalists" / "dicom.json").read_text())["test"][0]
-    dicom_dir = (demo_cohort / "datalists" / dicom["image"]).resolve()
+    dicom_dir = planted_dicom((demo_cohort / "datalists" / dicom["image"]).resolve(), tmp_path / "series_a")
+    cases = bad_volumes(src, dicom_dir, tmp_path / "bad")
+    inputs = [str(src), *(str(p) for p, _ in cases.values()), str(dicom_dir)]
     out = trained / "inference"
-    run_bundle(
+    proc = run_bundle(
         CFG,
         ["train_diffusion.json", "inference.json", "smoke.json"],
         trained,
         *common_args(demo_cohort, trained),
-        "--input", json.dumps([str(src), str(dicom_dir)]),
+        "--input", json.dumps(inputs),
         "--output_dir", str(out),
         "--setting", "L100_s5",
         "--ddim_steps", "2",
+        check=False,
     )  # fmt: skip
+    assert proc.returncode != 0, "failed inputs make the run fail, after the good ones are written"
+    assert f"{len(cases)} of {len(inputs)} input(s) failed" in proc.stderr
+    check_failure_report(out / "failures.json", cases, len(inputs))
     a = nib.load(out / "sub-002_T1w_anomaly_map.nii.gz")
     assert a.shape == img.shape and np.allclose(a.affine, img.affine)
     dsub = dicom["subject"]
@@ -183,6 +194,7 @@ def test_inference_maps_keep_the_input_grid(trained: Path, demo_cohort: Path) ->
     c = nib.load(out / "series_0001_anomaly_map.nii.gz")
     assert c.shape == ref.shape and np.allclose(c.affine, ref.affine, atol=1e-3)
     assert a.get_fdata().max() > 0 and a.get_fdata().min() >= 0
+    assert find_identifiers([out, *trained.glob("mlruns*")], [proc.stdout, proc.stderr]) == []
 
 
 @pytest.mark.parametrize("stage", ["diffusion", "classifier"])

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from engines.data import subset_by_kind
+from tests._catalogue import bad_views, check_failure_report, find_identifiers, planted_dicom
 from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
 
 CFG = ROOT / "bundles" / "diffusion_mae" / "configs"
@@ -140,30 +141,53 @@ def test_linear_probe_json(trained: Path, demo_cohort: Path) -> None:
     assert run.data.metrics["probe_mean_auroc"] == pytest.approx(metrics["mean_auroc"])
 
 
-def test_inference_on_one_study_and_on_a_datalist(trained: Path, demo_cohort: Path) -> None:
+def test_inference_on_one_study_and_on_a_datalist(trained: Path, demo_cohort: Path, tmp_path: Path) -> None:
     views = sorted(str(p) for p in (demo_cohort / "views").glob("sub-002_study1_*.nii.gz"))[:2]
     run_bundle(
         CFG, ["pretrain.json", "inference.json", "smoke.json"], trained,
         *_args(demo_cohort, trained, "--scheme", "mae", "--input_views", json.dumps(views)),
     )  # fmt: skip
     out = trained / "eval" / "inference" / "mae"
-    (rec_file,) = [p for p in out.glob("*.json")]
+    assert json.loads((out / "failures.json").read_text())["n_failed"] == 0
+    (rec_file,) = [p for p in out.glob("*.json") if p.name != "failures.json"]
     rec = json.loads(rec_file.read_text())
     assert rec["n_views"] == 2 and rec["embedding_dim"] == 32
     assert set(rec["findings"]) == set(
         json.loads((demo_cohort / "datalists" / "studies.json").read_text())["findings"]
     )
     assert np.load(out / rec["embedding_file"]).shape == (32,)
-    # the whole test section of the datalist; no subject name reaches the outputs
-    run_bundle(
+    # the whole test section of a datalist; no subject name reaches the outputs. Issue 8: one study per bad
+    # view of the catalogue is reported and skipped, and a study whose view is a DICOM slice with planted
+    # patient identifiers is predicted without any trace of them in the outputs or the log
+    studies_file = demo_cohort / "datalists" / "studies.json"
+    studies = json.loads(studies_file.read_text())
+    test = [
+        {**st, "views": [str((studies_file.parent / v).resolve()) for v in st["views"]]}
+        for st in studies["test"]
+    ]
+    cases = bad_views(Path(test[0]["views"][0]), tmp_path / "bad")
+    dicom = json.loads((demo_cohort / "datalists" / "dicom.json").read_text())["test"][0]
+    series = planted_dicom((demo_cohort / "datalists" / dicom["image"]).resolve(), tmp_path / "series_a")
+    planted_view = sorted(series.glob("*.dcm"))[40]
+    extra = [{"views": [test[0]["views"][0], str(p)], "labels": test[0]["labels"]} for p, _ in cases.values()]
+    extra.append({"views": [str(planted_view)], "labels": test[0]["labels"]})
+    datalist = tmp_path / "studies_with_bad_views.json"
+    datalist.write_text(json.dumps({"findings": studies["findings"], "test": test + extra}))
+    proc = run_bundle(
         CFG, ["pretrain.json", "inference.json", "smoke.json"], trained,
-        *_args(demo_cohort, trained, "--scheme", "diffusion"),
+        *_args(demo_cohort, trained, "--scheme", "diffusion", "--input_datalist", str(datalist)),
+        check=False,
     )  # fmt: skip
     out = trained / "eval" / "inference" / "diffusion"
-    n_test = len(json.loads((demo_cohort / "datalists" / "studies.json").read_text())["test"])
-    assert len(list(out.glob("*_embedding.npy"))) == n_test
-    text = "".join(p.read_text() for p in out.glob("*.json")) + (out / "predictions.csv").read_text()
+    n_in = len(test) + len(extra)
+    assert proc.returncode != 0 and f"{len(cases)} of {n_in} study(s) failed" in proc.stderr
+    check_failure_report(out / "failures.json", cases, n_in)
+    assert len(list(out.glob("*_embedding.npy"))) == len(test) + 1
+    # failures.json names the failed studies' files (the user's own paths); the predictions carry no name
+    preds = [p for p in out.glob("*.json") if p.name != "failures.json"]
+    text = "".join(p.read_text() for p in preds) + (out / "predictions.csv").read_text()
     assert "sub-" not in text
+    assert find_identifiers([out, *trained.glob("mlruns*")], [proc.stdout, proc.stderr]) == []
 
 
 def test_finetune_without_pretraining_names_the_missing_file(demo_cohort: Path, tmp_path: Path) -> None:

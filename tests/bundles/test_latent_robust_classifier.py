@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._catalogue import bad_volumes, check_failure_report, find_identifiers, planted_dicom
 from tests.bundles._helpers import ROOT, SHARED_SCHEMA, common_args, mlflow_runs, run_bundle, verify_metadata
 
 CFG = ROOT / "bundles" / "latent_robust_classifier" / "configs"
@@ -200,15 +201,27 @@ def test_evaluate_names_the_missing_checkpoint(multiclass: Path, demo_cohort: Pa
         )  # fmt: skip
 
 
-def test_inference_on_a_slice_and_a_volume(binary: Path, demo_cohort: Path) -> None:
+def test_inference_on_a_slice_and_a_volume(binary: Path, demo_cohort: Path, tmp_path: Path) -> None:
+    """A slice and a volume are classified; issue 8: the bad volumes of the catalogue in the same batch are
+    reported and skipped (a 2D file is a valid slice input here, so that kind is not a fault), and a DICOM
+    series with planted patient identifiers leaves no trace in the outputs or the log."""
     out = binary / "inference"
     slice_file = sorted((demo_cohort / "slices").glob("*.nii.gz"))[0]
     volume = demo_cohort / "subjects" / "sub-002" / "sub-002_T1w.nii.gz"
-    run_bundle(
+    dicom = json.loads((demo_cohort / "datalists" / "dicom.json").read_text())["test"][0]
+    series = planted_dicom((demo_cohort / "datalists" / dicom["image"]).resolve(), tmp_path / "series_a")
+    cases = bad_volumes(volume, series, tmp_path / "bad")
+    cases.pop("2d_where_3d")
+    inputs = [str(slice_file), str(volume), *(str(p) for p, _ in cases.values()), str(series)]
+    proc = run_bundle(
         CFG, ["train.json", "evaluate.json", "inference.json", "smoke.json"], binary,
         *_args(demo_cohort, binary, "binary"), "--output_dir", str(out),
-        "--input", json.dumps([str(slice_file), str(volume)]), "--model", "hybrid",
+        "--input", json.dumps(inputs), "--model", "hybrid", check=False,
     )  # fmt: skip
+    assert proc.returncode != 0 and f"{len(cases)} of {len(inputs)} input(s) failed" in proc.stderr
+    check_failure_report(out / "failures.json", cases, len(inputs))
+    assert json.loads((out / "series_a_classes.json").read_text())["summary"]["n_slices"] > 0
+    assert find_identifiers([out, *binary.glob("mlruns*")], [proc.stdout, proc.stderr]) == []
     one = json.loads((out / f"{slice_file.name.removesuffix('.nii.gz')}_classes.json").read_text())
     assert one["model"] == "hybrid" and one["class_names"] == ["healthy", "tumour"]
     (s,) = one["slices"]
