@@ -156,6 +156,36 @@ def test_inference_batch_reports_bad_inputs_and_leaks_no_identifiers(
     assert find_identifiers([out, *trained.glob("mlruns*")], [proc.stdout, proc.stderr]) == []
 
 
+class _Payload:
+    """Pickled by reference to ``os.makedirs``: loading the checkpoint unsafely would create the folder."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker,))
+
+
+def test_inference_refuses_a_checkpoint_carrying_pickled_code(demo_cohort: Path, tmp_path: Path) -> None:
+
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": _Payload(marker)}, ckpt)
+    proc = _run(
+        ["train.json", "inference.json", "smoke.json"],
+        tmp_path,
+        *_common(demo_cohort, tmp_path),
+        "--checkpoint", str(ckpt),
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"{ckpt}: checkpoint carries pickled code" in proc.stderr
+    assert not marker.exists(), "the pickled code must not have run"
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "inference").exists()
+
+
 def test_multi_gpu_train_on_cpu_gloo(demo_cohort: Path, tmp_path: Path) -> None:
     _run(
         ["train.json", "multi_gpu_train.json", "smoke.json"],
