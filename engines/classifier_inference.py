@@ -98,6 +98,8 @@ class ClassifierInference:
     def _ndim_of(path: str | os.PathLike) -> int:
         """Spatial dimensions of a file: 3 for a DICOM folder or a 3D NIfTI, else 2."""
         p = Path(path)
+        if not p.exists():
+            raise InputDataError("file does not exist", p)
         if p.is_dir():
             return 3
         name = p.name.lower()
@@ -107,7 +109,9 @@ class ClassifierInference:
             try:
                 shape = nib.load(str(p)).shape
             except Exception as e:
-                raise InputDataError(f"cannot read NIfTI header ({type(e).__name__}: {e})", p) from e
+                raise InputDataError(
+                    f"cannot be read as an image (NIfTI header: {type(e).__name__}: {e})", p
+                ) from e
             return 3 if len([s for s in shape if s > 1]) >= 3 else 2
         return 2
 
