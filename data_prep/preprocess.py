@@ -124,7 +124,8 @@ def n4_bias_correct(
         The corrected float32 image, on the input grid.
 
     Raises:
-        BadArgumentError: ``shrink`` < 1, empty ``iterations``, or a mask on another grid / an empty mask.
+        BadArgumentError: ``shrink`` < 1, empty ``iterations``, a mask on another grid / an empty mask, or
+            an image N4 cannot fit (ITK's reason in the message).
     """
     if shrink < 1:
         raise BadArgumentError(f"shrink must be >= 1, got {shrink}")
@@ -145,13 +146,20 @@ def n4_bias_correct(
         mask = sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkUInt8)
     if not np.any(sitk.GetArrayViewFromImage(mask)):
         raise BadArgumentError("mask is empty")
-    factors = [int(min(shrink, n)) for n in img.GetSize()]
+    # keep at least 4 voxels along every axis after shrinking: N4's B-spline domain collapses on an axis
+    # shrunk to one voxel (a thin slab of a few slices) and ITK then aborts with "zero-valued spacing"
+    factors = [int(max(1, min(shrink, n // 4))) for n in img.GetSize()]
     small, small_mask = sitk.Shrink(img, factors), sitk.Shrink(mask, factors)
     corrector = sitk.N4BiasFieldCorrectionImageFilter()
     corrector.SetMaximumNumberOfIterations([int(i) for i in iterations])
     corrector.SetConvergenceThreshold(float(convergence_threshold))
-    corrector.Execute(small, small_mask)
-    log_bias = corrector.GetLogBiasFieldAsImage(img)
+    try:
+        corrector.Execute(small, small_mask)
+        log_bias = corrector.GetLogBiasFieldAsImage(img)
+    except RuntimeError as err:
+        raise BadArgumentError(
+            f"N4 cannot fit this image of size {img.GetSize()} ({_sitk_fault(err)})"
+        ) from err
     return sitk.Cast(img / sitk.Exp(log_bias), sitk.sitkFloat32)
 
 

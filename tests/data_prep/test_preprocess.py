@@ -159,3 +159,15 @@ def test_failed_write_leaves_no_half_written_output(tmp_path, monkeypatch):
         main(["resample", "--in", str(src), "--out", str(out), "--spacing", "1", "1", "1"])
     assert out.read_bytes() == b"previous complete output"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz", "out.nii.gz"]
+
+
+def test_n4_on_a_thin_slab_keeps_enough_voxels_per_axis() -> None:
+    """Six slices shrunk by 4 would leave one: ITK then aborts on a zero-spacing B-spline domain."""
+    from data_prep.preprocess import n4_bias_correct
+
+    rng = np.random.default_rng(0)
+    x = np.meshgrid(np.arange(6), np.arange(16), np.arange(16), indexing="ij")[2]
+    arr = (100 + 50 * rng.random((6, 16, 16)) * (1 + x / 16)).astype(np.float32)  # a bias along x
+    out = n4_bias_correct(sitk.GetImageFromArray(arr))
+    res = sitk.GetArrayFromImage(out)
+    assert res.shape == arr.shape and np.isfinite(res).all() and res.min() > 0
