@@ -178,17 +178,10 @@ def check_datalist(
     Raises:
         InputDataError: the datalist itself is missing, not JSON, or names no section to check.
     """
-    from data_prep.datalist import load_datalist
+    from data_prep.datalist import load_datalist, read_datalist_json
 
     path = Path(datalist)
-    if not path.is_file():
-        raise InputDataError("datalist file does not exist", path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputDataError(f"datalist is not valid JSON ({e})", path) from e
-    if not isinstance(doc, dict):
-        raise InputDataError("datalist is not a JSON object of sections", path)
+    doc = read_datalist_json(path)
     names = (
         list(sections) if sections else [k for k, v in doc.items() if isinstance(v, list) and k != "findings"]
     )

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "datalist_hash",
     "load_datalist",
+    "read_datalist_json",
     "split_by_subject",
     "write_datalist",
 ]
@@ -157,6 +158,30 @@ def _paths_of(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
+def read_datalist_json(path: str | os.PathLike) -> dict:
+    """The parsed JSON object of a datalist file.
+
+    Args:
+        path: datalist JSON file.
+
+    Returns:
+        The top-level object (section name → items, plus any metadata keys).
+
+    Raises:
+        InputDataError: the file is missing, not valid JSON or not a JSON object; the message names it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError("datalist file does not exist", path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputDataError(f"datalist is not valid JSON ({e})", path) from e
+    if not isinstance(doc, dict):
+        raise InputDataError("datalist is not a JSON object of sections", path)
+    return doc
+
+
 def load_datalist(
     path: str | os.PathLike,
     section: str = "training",
@@ -182,12 +207,7 @@ def load_datalist(
             the datalist and, for a missing file, the item's path.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputDataError("datalist file does not exist", path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputDataError(f"datalist is not valid JSON ({e})", path) from e
+    doc = read_datalist_json(path)
     if section not in doc:
         raise InputDataError(f"datalist has no section {section!r} (it has {sorted(doc)})", path)
     if not isinstance(doc[section], list) or not doc[section]:
