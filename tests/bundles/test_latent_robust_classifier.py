@@ -2,7 +2,9 @@
 
 A module-scoped fixture trains every model of one task (``smoke.json``: 24 slices per split, 32² slices, one
 epoch) in dependency order: autoencoder, latent DDPM, then the classifiers (and one head with diffusion
-augmentation); binary and 4-class each get one. Evaluation, inference and the checks read those outputs.
+augmentation) for the binary task; evaluation, inference and the checks read those outputs. The 4-class
+task has its own module (test_latent_robust_classifier_multiclass.py), so that the two trainings can run on
+different test workers.
 """
 
 from __future__ import annotations
@@ -56,13 +58,6 @@ def binary(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-@pytest.fixture(scope="module")
-def multiclass(demo_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("lrc_multiclass")
-    _train_all(demo_cohort, work, "multiclass")
-    return work
-
-
 def _parser(demo: Path, work: Path, configs: list[str], task: str = "binary"):
     from monai.bundle import ConfigParser
 
@@ -76,13 +71,11 @@ def _parser(demo: Path, work: Path, configs: list[str], task: str = "binary"):
     return parser
 
 
-@pytest.mark.parametrize("task, classes", [("binary", 2), ("multiclass", 4)])
-def test_every_model_trains_for_both_tasks(
-    task: str, classes: int, request: pytest.FixtureRequest, demo_cohort: Path
-) -> None:
+def check_every_model_trained(work: Path, task: str, classes: int, demo_cohort: Path) -> None:
+    """Every model's weights and full checkpoints, the classes and latent scale files, logits per class from
+    evaluate.json's factories and one MLflow run per training (shared with the multiclass module)."""
     from engines import load_checkpoint
 
-    work = request.getfixturevalue(task)
     models = work / "models"
     for name in (*ALL_MODELS, "latent_resnet_aug"):
         sd = load_checkpoint(models / f"{name}.pt")
@@ -109,6 +102,10 @@ def test_every_model_trains_for_both_tasks(
         assert run.data.tags["model"] == name and run.data.tags["classification_task"] == task
         key = "val_mse" if name == "latent_ddpm" else "val_accuracy"
         assert key in run.data.metrics
+
+
+def test_every_model_trains_binary(binary: Path, demo_cohort: Path) -> None:
+    check_every_model_trained(binary, "binary", 2, demo_cohort)
 
 
 def test_evaluation_tables_conformal_and_mlflow(binary: Path) -> None:
@@ -191,16 +188,6 @@ def test_evaluate_refuses_models_trained_with_another_class_order(binary: Path, 
         )  # fmt: skip
 
 
-def test_evaluate_names_the_missing_checkpoint(multiclass: Path, demo_cohort: Path) -> None:
-    with pytest.raises(
-        AssertionError, match=r"hybrid_aug\.pt.*train_hybrid\.json and --diffusion_augmentation"
-    ):
-        run_bundle(
-            CFG, ["train.json", "evaluate.json", "smoke.json"], multiclass,
-            *_args(demo_cohort, multiclass, "multiclass"), "--models", "['cnn', 'hybrid_aug']",
-        )  # fmt: skip
-
-
 def test_inference_on_a_slice_and_a_volume(binary: Path, demo_cohort: Path, tmp_path: Path) -> None:
     """A slice and a volume are classified; issue 8: the bad volumes of the catalogue in the same batch are
     reported and skipped (a 2D file is a valid slice input here, so that kind is not a fault), and a DICOM
@@ -236,21 +223,6 @@ def test_inference_on_a_slice_and_a_volume(binary: Path, demo_cohort: Path, tmp_
     assert idx == sorted(idx) and all(isinstance(i, int) for i in idx)
 
 
-def test_diffusion_augmentation_draws_class_conditional_latents(multiclass: Path, demo_cohort: Path) -> None:
-    parser = _parser(
-        demo_cohort, multiclass, ["train.json", "train_latent_resnet.json", "smoke.json"], "multiclass"
-    )
-    parser["diffusion_augmentation"] = True
-    bank = parser.get_parsed_content("synthetic_latents")()
-    assert bank.latents.shape == (4 * 4, 4, 8, 8)  # smoke: 4 per class, 4 classes, 8x8 latents of 32² slices
-    assert torch.equal(bank.labels, torch.arange(4).repeat_interleave(4))
-    prep = parser.get_parsed_content("latent_prepare_batch")
-    batch = {"image": torch.rand(3, 1, 32, 32), "label": torch.tensor([0, 1, 2])}
-    z, y = prep(batch, torch.device("cpu"))
-    assert z.shape == (3 + 2, 4, 8, 8) and y[:3].tolist() == [0, 1, 2]
-    assert parser.get_parsed_content("model_name") == "latent_resnet_aug"
-
-
 def test_latent_heads_train_without_the_latent_ddpm(binary: Path, demo_cohort: Path, tmp_path: Path) -> None:
     """Only the hybrid and augmentation need the latent DDPM: a plain latent head trains without it."""
     import shutil
@@ -263,19 +235,6 @@ def test_latent_heads_train_without_the_latent_ddpm(binary: Path, demo_cohort: P
         CFG, ["train.json", "train_latent_mlp.json", "smoke.json"], work, *_args(demo_cohort, work, "binary")
     )
     assert (work / "models" / "latent_mlp.pt").is_file() and not (work / "models" / "latent_ddpm.pt").exists()
-
-
-def test_torchrun_two_processes(demo_cohort: Path, tmp_path: Path) -> None:
-    work = tmp_path
-    for model in ("autoencoder", "latent_ddpm", "hybrid"):
-        run_bundle(
-            CFG, ["train.json", f"train_{model}.json", "smoke.json", "multi_gpu_train.json"], work,
-            *_args(demo_cohort, work, "binary"), torchrun=2, port=29547,
-        )  # fmt: skip
-    for name in ("autoencoder.pt", "latent_scale.json", "hybrid.pt", "classes.json"):
-        assert (work / "models" / name).is_file(), name
-    # rank 0 alone logs: one run per training
-    assert len(mlflow_runs(work, "latent_robust_classifier-binary-train_hybrid", EXPERIMENT)) == 1
 
 
 def test_verify_metadata(tmp_path: Path) -> None:
