@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,app
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest -q "$@"
+# two workers, each module on one worker (its module-scoped trainings are shared by its tests): the bundle
+# tests are mostly single-threaded subprocess start-up and config parsing, so two run in about the time of one
+exec .venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"
