@@ -62,6 +62,42 @@ def planted_dicom(src_series: Path, dst: Path) -> Path:
     return dst
 
 
+def _file_and_voxel_faults(
+    good: Path, out: Path
+) -> tuple[dict[str, tuple[Path, str]], np.ndarray, np.ndarray]:
+    """The kinds any image input can have (2D or 3D), built from a good NIfTI file.
+
+    Returns:
+        kind → (faulty file, fault fragment), and the good file's array and affine.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    img = nib.load(good)
+    arr = np.squeeze(np.asarray(img.dataobj, dtype=np.float32))
+    aff = img.affine
+    cases: dict[str, tuple[Path, str]] = {}
+    p = out / "unreadable.nii.gz"
+    p.write_bytes(gzip.compress(b"this is not a NIfTI header " * 40))
+    cases["unreadable_nifti"] = (p, "cannot be read")
+    p = out / "truncated.nii.gz"
+    data = good.read_bytes()
+    p.write_bytes(data[: len(data) // 3])
+    cases["truncated_nifti"] = (p, "cannot be read")
+    a = arr.copy()
+    a[tuple(s // 2 for s in a.shape)] = np.nan
+    cases["nan_voxels"] = (_nifti(out / "nan.nii.gz", a, aff), "nan")
+    a = arr.copy()
+    a[(0,) * a.ndim] = np.inf
+    cases["inf_voxels"] = (_nifti(out / "inf.nii.gz", a, aff), "inf")
+    cases["all_zero"] = (_nifti(out / "zeros.nii.gz", np.zeros_like(arr), aff), "constant")
+    cases["constant"] = (_nifti(out / "constant.nii.gz", np.full_like(arr, 250.0), aff), "constant")
+    # CT in Hounsfield units: air -1024 .. bone 3071, what a CT export fed to an MRI bundle looks like
+    lo, hi = float(arr.min()), float(arr.max())
+    ct = -1024.0 + (arr - lo) / max(hi - lo, 1e-6) * 4095.0
+    cases["ct_hounsfield"] = (_nifti(out / "ct_hu.nii.gz", ct, aff), "hounsfield")
+    cases["missing_file"] = (out / "not_there.nii.gz", "does not exist")
+    return cases, arr, aff
+
+
 def bad_volumes(good_nifti: Path, good_series: Path, out: Path) -> dict[str, tuple[Path, str]]:
     """Faulty 3D inputs built from a good NIfTI volume and a good DICOM series.
 
@@ -73,40 +109,9 @@ def bad_volumes(good_nifti: Path, good_series: Path, out: Path) -> dict[str, tup
     Returns:
         kind → (faulty input, a lower-case fragment the error message must contain).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    img = nib.load(good_nifti)
-    arr = np.asarray(img.dataobj, dtype=np.float32)
-    aff = img.affine
-    cases: dict[str, tuple[Path, str]] = {}
-
-    p = out / "unreadable.nii.gz"
-    p.write_bytes(gzip.compress(b"this is not a NIfTI header " * 40))
-    cases["unreadable_nifti"] = (p, "cannot be read")
-
-    p = out / "truncated.nii.gz"
-    data = good_nifti.read_bytes()
-    p.write_bytes(data[: len(data) // 3])
-    cases["truncated_nifti"] = (p, "cannot be read")
-
-    a = arr.copy()
-    a[tuple(s // 2 for s in a.shape)] = np.nan
-    cases["nan_voxels"] = (_nifti(out / "nan.nii.gz", a, aff), "nan")
-
-    a = arr.copy()
-    a[0, 0, 0] = np.inf
-    cases["inf_voxels"] = (_nifti(out / "inf.nii.gz", a, aff), "inf")
-
-    cases["all_zero"] = (_nifti(out / "zeros.nii.gz", np.zeros_like(arr), aff), "constant")
-    cases["constant"] = (_nifti(out / "constant.nii.gz", np.full_like(arr, 250.0), aff), "constant")
+    cases, arr, aff = _file_and_voxel_faults(good_nifti, out)
     cases["2d_where_3d"] = (_nifti(out / "flat2d.nii.gz", arr[:, :, arr.shape[2] // 2], aff), "2d")
     cases["4d_where_3d"] = (_nifti(out / "series4d.nii.gz", np.stack([arr, arr], -1), aff), "4d")
-
-    # CT in Hounsfield units: air -1024 .. bone 3071, what a CT export fed to an MRI bundle looks like
-    lo, hi = float(arr.min()), float(arr.max())
-    ct = -1024.0 + (arr - lo) / max(hi - lo, 1e-6) * 4095.0
-    cases["ct_hounsfield"] = (_nifti(out / "ct_hu.nii.gz", ct, aff), "hounsfield")
-
-    cases["missing_file"] = (out / "not_there.nii.gz", "does not exist")
 
     d = out / "dicom_no_pixels"
     files = _copy_series(good_series, d)
@@ -147,35 +152,12 @@ def bad_views(good_view: Path, out: Path) -> dict[str, tuple[Path, str]]:
     Returns:
         kind → (faulty view, a lower-case fragment the error message must contain).
     """
-    out.mkdir(parents=True, exist_ok=True)
-    img = nib.load(good_view)
-    arr = np.squeeze(np.asarray(img.dataobj, dtype=np.float32))
-    aff = img.affine
-    cases: dict[str, tuple[Path, str]] = {}
-    p = out / "unreadable.nii.gz"
-    p.write_bytes(gzip.compress(b"this is not a NIfTI header " * 40))
-    cases["unreadable_nifti"] = (p, "cannot be read")
-    p = out / "truncated.nii.gz"
-    data = good_view.read_bytes()
-    p.write_bytes(data[: len(data) // 3])
-    cases["truncated_nifti"] = (p, "cannot be read")
-    a = arr.copy()
-    a[1, 1] = np.nan
-    cases["nan_voxels"] = (_nifti(out / "nan.nii.gz", a, aff), "nan")
-    a = arr.copy()
-    a[0, 0] = np.inf
-    cases["inf_voxels"] = (_nifti(out / "inf.nii.gz", a, aff), "inf")
-    cases["all_zero"] = (_nifti(out / "zeros.nii.gz", np.zeros_like(arr), aff), "constant")
-    cases["constant"] = (_nifti(out / "constant.nii.gz", np.full_like(arr, 7.0), aff), "constant")
+    cases, arr, aff = _file_and_voxel_faults(good_view, out)
     cases["3d_where_2d"] = (_nifti(out / "volume3d.nii.gz", np.stack([arr] * 4, -1), aff), "3d")
     cases["4d_where_2d"] = (
         _nifti(out / "series4d.nii.gz", np.stack([arr] * 4, -1)[..., None].repeat(2, -1), aff),
         "4d",
     )
-    lo, hi = float(arr.min()), float(arr.max())
-    ct = -1024.0 + (arr - lo) / max(hi - lo, 1e-6) * 4095.0
-    cases["ct_hounsfield"] = (_nifti(out / "ct_hu.nii.gz", ct, aff), "hounsfield")
-    cases["missing_file"] = (out / "not_there.nii.gz", "does not exist")
     from pydicom.data import get_testdata_file
 
     p = out / "no_pixels.dcm"
