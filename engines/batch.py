@@ -23,7 +23,7 @@ from monai.data import DataLoader
 from monai.handlers import CheckpointLoader
 
 from data_prep.atomic import atomic_write_text
-from engines.checkpoint import load_checkpoint
+from engines.checkpoint import load_weights
 from transforms.errors import InputDataError
 from transforms.pipeline import find_input_error
 
@@ -241,14 +241,15 @@ class SafeCheckpointLoader(CheckpointLoader):
 
     Args:
         load_path: the checkpoint file.
-        load_dict: name → object with ``load_state_dict`` (usually ``{"model": network}``).
+        load_dict: name → network (usually ``{"model": network}``); each is filled strictly from the entry of
+            that name, or from the whole file when it is a bare state dict (as the bundles' final model files
+            are), and put in eval mode.
         map_location: where tensors are read (``load_state_dict`` copies them to the parameters' device).
-        strict: require matching keys.
         name: logger name.
 
     Raises:
-        InputDataError: the file is missing, truncated or corrupt, lacks an entry, or its weights do not
-            fit the network (names the file).
+        InputDataError: the file is missing, truncated or corrupt, or its weights do not fit the network
+            (names the file).
         UnsafeCheckpointError: the file carries pickled code.
     """
 
@@ -257,31 +258,14 @@ class SafeCheckpointLoader(CheckpointLoader):
         load_path: str | os.PathLike,
         load_dict: dict,
         map_location: Any = "cpu",
-        strict: bool = True,
         name: str | None = None,
     ) -> None:
         super().__init__(
-            load_path=os.fspath(load_path),
-            load_dict=load_dict,
-            name=name,
-            map_location=map_location,
-            strict=strict,
+            load_path=os.fspath(load_path), load_dict=load_dict, name=name, map_location=map_location
         )
-        ckpt = load_checkpoint(load_path, map_location=map_location)
-        first = next(iter(load_dict))
-        if len(load_dict) == 1 and first not in ckpt:
-            ckpt = {first: ckpt}  # a bare state dict, as the bundles' final model files are
-        for key, obj in load_dict.items():
-            if key not in ckpt:
-                raise InputDataError(f"checkpoint has no {key!r} entry (keys: {sorted(ckpt)[:8]})", load_path)
-            try:
-                obj.load_state_dict(ckpt[key], strict=strict)
-            except (RuntimeError, KeyError, TypeError) as e:
-                detail = " ".join(str(e).strip().splitlines()[:3])[:500]
-                raise InputDataError(
-                    f"weights do not fit {type(obj).__name__} (another architecture or size?): {detail}",
-                    load_path,
-                ) from e
+        for key, network in load_dict.items():
+            # the same checked, weights_only load and strict fit every other bundle uses (load_weights)
+            load_weights(network, load_path, map_location=map_location, key=key)
         logger.info("loaded weights from %s", load_path)
 
     def attach(self, engine: Any) -> None:
