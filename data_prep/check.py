@@ -24,6 +24,7 @@ cannot be read at all.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -96,17 +97,38 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and bool(str(value))
 
 
-def _check_volume_item(item: dict, min_value: float | None) -> None:
+# the loaders are built once per key set and options, not once per item (a datalist has thousands)
+@functools.lru_cache(maxsize=16)
+def _volume_loader(images: tuple[str, ...], masks: tuple[str, ...], min_value: float | None) -> Any:
     from transforms import volume_loading_transforms
 
-    images = [k for k in IMAGE_KEYS if _is_path(item.get(k))]
-    masks = [k for k in MASK_KEYS if _is_path(item.get(k))]
-    if not images:
-        return
-    load = volume_loading_transforms(
+    return volume_loading_transforms(
         images, masks, normalise=None, orientation="RAS", allow_constant=False, min_value=min_value
     )
-    data = load({k: item[k] for k in images + masks})
+
+
+@functools.lru_cache(maxsize=16)
+def _slice_loader(images: tuple[str, ...], min_value: float | None, image_size: int) -> Any:
+    from transforms import slice_loading_transforms
+
+    return slice_loading_transforms(
+        images, image_size, normalise=False, allow_constant=False, min_value=min_value
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _study_loader(min_value: float | None, image_size: int) -> Any:
+    from transforms.study import LoadStudyd
+
+    return LoadStudyd("views", image_size=image_size, allow_constant=False, min_value=min_value)
+
+
+def _check_volume_item(item: dict, min_value: float | None) -> None:
+    images = tuple(k for k in IMAGE_KEYS if _is_path(item.get(k)))
+    masks = tuple(k for k in MASK_KEYS if _is_path(item.get(k)))
+    if not images:
+        return
+    data = _volume_loader(images, masks, min_value)({k: item[k] for k in images + masks})
     for key in masks:
         empty = not bool(np.any(np.asarray(data[key]) > 0))
         if empty and key in NONEMPTY_KEYS:
@@ -117,14 +139,9 @@ def _check_volume_item(item: dict, min_value: float | None) -> None:
 
 
 def _check_slice_item(item: dict, min_value: float | None, image_size: int) -> None:
-    from transforms import slice_loading_transforms
-
-    images = [k for k in IMAGE_KEYS if _is_path(item.get(k))]
+    images = tuple(k for k in IMAGE_KEYS if _is_path(item.get(k)))
     if images:
-        load = slice_loading_transforms(
-            images, image_size, normalise=False, allow_constant=False, min_value=min_value
-        )
-        load({k: item[k] for k in images})
+        _slice_loader(images, min_value, image_size)({k: item[k] for k in images})
 
 
 def _infer_spatial_dims(items: list[dict]) -> int:
@@ -148,11 +165,7 @@ def _infer_spatial_dims(items: list[dict]) -> int:
 
 
 def _check_views_item(item: dict, min_value: float | None, image_size: int) -> None:
-    from transforms.study import LoadStudyd
-
-    LoadStudyd("views", image_size=image_size, allow_constant=False, min_value=min_value)(
-        {"views": item["views"]}
-    )
+    _study_loader(min_value, image_size)({"views": item["views"]})
 
 
 def check_datalist(
