@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -234,12 +233,9 @@ def test_bundle_run_with_a_typo_fails_in_initialize_before_any_data(tmp_path: Pa
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
     }
-    t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    seconds = time.monotonic() - t0
     assert proc.returncode != 0
     assert "unknown config key 'epocs' (not in train.json, smoke.json); did you mean 'epochs'?" in proc.stderr
     # nothing was built or read: no data touched, no model, no output folder, no MLflow run
     assert list(data.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
-    assert seconds < 120, f"the check took {seconds:.0f} s: it must run before training"
