@@ -33,6 +33,7 @@ from engines.anomaly_eval import (
     healthy_thresholds,
     intensity_baseline_map,
 )
+from engines.bootstrap import DEFAULT_N_BOOT, bootstrap_interval, paired_difference, subject_resamples
 
 __all__ = [
     "AnomalyEvaluationHandler",
@@ -320,6 +321,14 @@ class AnomalyEvaluationHandler:
         image_key, label_key, brain_key: batch keys; ``subject`` and ``kind`` are read from the batch.
         headline_t: the ``t`` whose metrics are also published without prefix; default the first.
         max_pixels_for_curves: see :class:`AnomalyEvaluator`.
+        n_boot: subject-level bootstrap replicates for the intervals (``engines.bootstrap``); 0 turns them off.
+        ci_level: coverage of the intervals.
+        bootstrap_seed: seed of the subject draws (one draw matrix for every method, so differences are paired).
+
+    Every headline metric (pixel AUPRC and AUROC, slice AUROC, Dice at each healthy threshold) also gets
+    ``<metric>_ci_low`` / ``<metric>_ci_high``; each method against the intensity baseline, and each pair of
+    methods, gets the paired difference ``diff/<a>-<b>/<metric>`` with ``_ci_low`` / ``_ci_high`` (written to
+    ``differences.json`` too). Subjects are drawn within their ``kind``.
 
     The metrics land in ``engine.state.metrics`` as ``t<t>/<metric>`` and ``intensity_baseline/<metric>``
     (plus the headline ``t`` unprefixed), so an ``MLFlowHandler`` attached after this handler logs them.
@@ -337,8 +346,13 @@ class AnomalyEvaluationHandler:
         brain_key: str = "brain_mask",
         headline_t: int | str | None = None,
         max_pixels_for_curves: int | None = None,
+        n_boot: int = DEFAULT_N_BOOT,
+        ci_level: float = 0.95,
+        bootstrap_seed: int = 0,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.n_boot, self.ci_level, self.bootstrap_seed = int(n_boot), float(ci_level), int(bootstrap_seed)
+        self.differences: dict[str, dict[str, dict[str, float]]] = {}
         self.healthy = healthy
         self.post = post or (healthy.post if healthy else PostProcess())
         self.slice_axis, self.slice_score = slice_axis, slice_score
@@ -396,22 +410,56 @@ class AnomalyEvaluationHandler:
             else (methods[0] if methods else None)
         )
         for name, ev in self.evaluators.items():
-            res = ev.compute()
-            self.results[name] = res
+            self.results[name] = ev.compute()
             ev.write_csv(self.output_dir / f"per_subject_{name}.csv")
+        if self.n_boot > 0 and self.evaluators:
+            self._bootstrap(methods)
+        for name, res in self.results.items():
             for k, v in res.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     engine.state.metrics[f"{name}/{k}"] = float(v)
                     if name == headline:
                         engine.state.metrics[k] = float(v)
+        for pair, metrics in self.differences.items():
+            for metric, iv in metrics.items():
+                engine.state.metrics[f"diff/{pair}/{metric}"] = iv["point"]
+                engine.state.metrics[f"diff/{pair}/{metric}_ci_low"] = iv["low"]
+                engine.state.metrics[f"diff/{pair}/{metric}_ci_high"] = iv["high"]
         atomic_write_text(
             self.output_dir / "metrics.json", json.dumps(self.results, indent=1, default=str) + "\n"
         )
+        if self.differences:
+            atomic_write_text(
+                self.output_dir / "differences.json", json.dumps(self.differences, indent=1) + "\n"
+            )
         # pooled ROC/PR points per method: logged with the output folder, so a report can draw the
         # curves from the tracking store alone (scripts/report.py)
         curves = {name: ev.curves() for name, ev in self.evaluators.items()}
         atomic_write_text(self.output_dir / "curves.json", json.dumps(curves) + "\n")
         print(self.table())
+
+    def _bootstrap(self, methods: list[str]) -> None:
+        """Intervals of every method's headline metrics and paired differences, on one subject draw matrix."""
+        evs = self.evaluators
+        first = next(iter(evs.values()))
+        for name, ev in evs.items():
+            if ev.subjects != first.subjects:
+                raise RuntimeError(f"method {name!r} was scored on other subjects than the rest")
+        draws = subject_resamples(len(first.subjects), self.n_boot, first.kinds, self.bootstrap_seed)
+        stats = {name: ev.bootstrap_statistics() for name, ev in evs.items()}
+        for name, st in stats.items():
+            for metric, fn in st.items():
+                iv = bootstrap_interval(fn, draws, self.ci_level)
+                self.results[name][f"{metric}_ci_low"] = iv.low
+                self.results[name][f"{metric}_ci_high"] = iv.high
+        pairs = [(m, BASELINE) for m in methods if BASELINE in evs]
+        pairs += [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]]
+        for a, b in pairs:
+            self.differences[f"{a}-{b}"] = {
+                metric: paired_difference(stats[a][metric], stats[b][metric], draws, self.ci_level).as_dict()
+                for metric in stats[a]
+                if metric in stats[b]
+            }
 
     def table(self) -> str:
         """The headline metrics of every method as a Markdown table.

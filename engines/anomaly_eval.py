@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from engines.bootstrap import RankingHistograms, Statistic, weighted_ratio
 from engines.checkpoint import atomic_torch_save
 
 __all__ = [
@@ -939,6 +940,61 @@ class AnomalyEvaluator:
         for kind in kinds:
             group = [r for r in recs if r.kind in (kind, self.healthy_kind)]
             out.update({f"{kind}/{k}": v for k, v in self._group_metrics(group).items()})
+        return out
+
+    @property
+    def subjects(self) -> list[str]:
+        """The added subjects, in the order added."""
+        return list(self._records)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Each added subject's kind, in the order added (the strata of :func:`engines.bootstrap.subject_resamples`)."""
+        return [r.kind for r in self._records.values()]
+
+    def bootstrap_statistics(self, max_bins: int | None = 4096) -> dict[str, Statistic]:
+        """The headline metrics as functions of subject multiplicities (``engines.bootstrap``), subjects in the
+        order added: ``pixel_auprc``, ``pixel_auroc`` (pooled pixels, binned at ``max_bins`` class quantiles),
+        ``slice_auroc`` (exact) and ``dice_<tag>`` per healthy threshold (pooled 2 TP / (detected + lesion)).
+
+        Multiplicity 1 for every subject gives :meth:`compute`'s values (the pixel metrics up to the binning).
+
+        Args:
+            max_bins: see :class:`engines.bootstrap.RankingHistograms`.
+
+        Returns:
+            ``{metric: statistic}``.
+
+        Raises:
+            RuntimeError: nothing was added.
+        """
+        if not self._records:
+            raise RuntimeError("AnomalyEvaluator.bootstrap_statistics() called before any add()")
+        self._prune(final=True)
+        recs = list(self._records.values())
+        _, labels, weights = self._pooled_arrays(recs)
+        # the subsampling weights are one per class over all subjects (a uniform sample of each class)
+        w_pos = float(weights[labels].max()) if weights is not None and labels.any() else 1.0
+        w_neg = float(weights[~labels].max()) if weights is not None and (~labels).any() else 1.0
+        pixels = RankingHistograms(
+            [r.scores for r in recs],
+            [r.labels for r in recs],
+            [np.where(r.labels, w_pos, w_neg) for r in recs] if weights is not None else None,
+            max_bins=max_bins,
+        )
+        slices = RankingHistograms(
+            [r.slice_scores for r in recs], [r.slice_labels for r in recs], max_bins=None
+        )
+        out: dict[str, Statistic] = {
+            "pixel_auprc": pixels.average_precision,
+            "pixel_auroc": pixels.auroc,
+            "slice_auroc": slices.auroc,
+        }
+        n_pos = np.array([r.n_pos for r in recs], dtype=np.float64)
+        for f in self.thresholds:
+            tp = np.array([r.tp[f] for r in recs], dtype=np.float64)
+            det = np.array([r.detected[f] for r in recs], dtype=np.float64)
+            out[f"dice_{fpr_tag(f)}"] = weighted_ratio(2 * tp, det + n_pos)
         return out
 
     def curves(self, max_points: int = 200) -> dict[str, list[float]]:

@@ -473,3 +473,60 @@ def test_evaluator_curves_match_pooled_metrics():
     c = ev.curves(max_points=100_000)
     res = ev.compute()
     assert np.trapezoid(c["tpr"], c["fpr"]) == pytest.approx(res["pixel_auroc"], abs=1e-9)
+
+
+def _cohort(rng: np.random.Generator, gain: float) -> list[tuple[str, str, np.ndarray, np.ndarray | None]]:
+    """Four lesion and three healthy volumes; the map is lesion * gain + noise."""
+    out = []
+    for i in range(7):
+        les = _lesion(z=slice(3 + i % 3, 9 + i % 3)) if i < 4 else None
+        m = rng.normal(0, 1, SHAPE).astype(np.float32)
+        if les is not None:
+            m = m + gain * les
+        out.append((f"s{i}", "glioma" if i < 4 else "healthy", np.round(m, 3), les))
+    return out
+
+
+def test_bootstrap_statistics_at_multiplicity_one_reproduce_compute() -> None:
+    from engines.bootstrap import paired_difference, subject_resamples
+
+    rng = np.random.default_rng(11)
+    ev = AnomalyEvaluator(thresholds={0.05: 1.5})
+    for s, k, m, les in _cohort(rng, 1.5):
+        ev.add(s, k, m, les, _brain())
+    assert ev.subjects == [f"s{i}" for i in range(7)] and ev.kinds == ["glioma"] * 4 + ["healthy"] * 3
+    res = ev.compute()
+    stats = ev.bootstrap_statistics(max_bins=None)  # exact: the same numbers as compute()
+    ones = np.ones(7)
+    for metric in ("pixel_auprc", "pixel_auroc", "slice_auroc", "dice_fpr5"):
+        assert float(stats[metric](ones)) == pytest.approx(res[metric], abs=1e-9), metric
+    # a replicate that draws s0 twice and s4 once is the evaluator on those volumes
+    ev2 = AnomalyEvaluator(thresholds={0.05: 1.5})
+    coh = _cohort(np.random.default_rng(11), 1.5)
+    for tag, (s, k, m, les) in (("a", coh[0]), ("b", coh[0]), ("c", coh[4])):
+        ev2.add(s + tag, k, m, les, _brain())
+    w = np.zeros(7)
+    w[0], w[4] = 2, 1
+    r2 = ev2.compute()
+    for metric in ("pixel_auprc", "slice_auroc", "dice_fpr5"):
+        assert float(stats[metric](w)) == pytest.approx(r2[metric], abs=1e-9), metric
+    # binned (default) pixel metrics stay within 0.005 of the exact ones
+    binned = ev.bootstrap_statistics(max_bins=256)
+    assert float(binned["pixel_auprc"](ones)) == pytest.approx(res["pixel_auprc"], abs=0.005)
+    # paired difference of the evaluator with itself: exactly zero
+    draws = subject_resamples(7, 200, ev.kinds, seed=0)
+    d = paired_difference(stats["pixel_auprc"], stats["pixel_auprc"], draws)
+    assert (d.low, d.high) == (0.0, 0.0)
+
+
+def test_bootstrap_weights_undo_the_pixel_subsampling() -> None:
+    rng = np.random.default_rng(12)
+    coh = _cohort(rng, 2.0)
+    exact, sub = AnomalyEvaluator(), AnomalyEvaluator(max_pixels_for_curves=20_000)
+    for s, k, m, les in coh:
+        exact.add(s, k, m, les, _brain())
+        sub.add(s, k, m, les, _brain())
+    r = sub.compute()
+    st = sub.bootstrap_statistics(max_bins=None)
+    assert float(st["pixel_auprc"](np.ones(7))) == pytest.approx(r["pixel_auprc"], abs=1e-9)
+    assert float(st["pixel_auprc"](np.ones(7))) == pytest.approx(exact.compute()["pixel_auprc"], abs=0.02)
