@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from data_prep.atomic import atomic_write_text
+from engines.bootstrap import DEFAULT_N_BOOT
 from engines.classification_eval import (
     CLEAN,
     DEFAULT_KINDS,
@@ -45,6 +46,7 @@ from engines.classification_eval import (
     plot_robustness,
     write_robustness_table,
 )
+from engines.classification_intervals import ClassificationStatistics, classification_intervals, item_clusters
 from engines.conformal import SCORES, _threshold_and_sets, alpha_tag, conformal_report, prediction_sets
 from engines.explain import explain_fixed_slices, save_explanation_figure
 from engines.tracking import log_comparison_runs
@@ -338,9 +340,11 @@ class ClassifierEvaluation:
         shap_nsamples: SHAP draws per slice.
         device: where the models run.
         batch_size: slices per call.
-        seed: corruption and SHAP seed.
+        seed: corruption and SHAP seed (and the bootstrap's).
         tracking: MLflow settings: ``run_name``, ``method``, ``datalist``, ``dataset_name``, ``workdir``,
             ``hparams`` (dict), ``task_label`` (e.g. ``"binary"``); ``None`` skips MLflow.
+        n_boot: subject-level bootstrap replicates of the clean metrics' intervals (0: none).
+        ci_level: their coverage.
 
     Raises:
         ValueError: no models, or labels outside the class range.
@@ -370,6 +374,8 @@ class ClassifierEvaluation:
         batch_size: int = 64,
         seed: int = 0,
         tracking: Mapping[str, Any] | None = None,
+        n_boot: int = DEFAULT_N_BOOT,
+        ci_level: float = 0.95,
     ) -> None:
         if not models:
             raise ValueError("no models to evaluate")
@@ -391,6 +397,8 @@ class ClassifierEvaluation:
         self.device, self.batch_size, self.seed = torch.device(device), int(batch_size), int(seed)
         self.tracking = None if tracking is None else dict(tracking)
         self.results: dict[str, dict[str, Any]] = {}
+        self.n_boot, self.ci_level = int(n_boot), float(ci_level)
+        self.differences: dict[str, dict[str, dict[str, float]]] = {}
 
     # ------------------------------------------------------------------
     def _proba_fn(self, model: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
@@ -496,10 +504,63 @@ class ClassifierEvaluation:
                 if fig.name.startswith(f"{name}_test"):
                     shutil.copy2(fig, mdir / fig.name)
             self.results[name] = {"metrics": self._model_metrics(name, mrows, report), "dir": mdir}
+        self._intervals(study, cal_probs, cal_y, test_y)
         self._write_summary()
         if self.tracking is not None:
             self._log_mlflow()
         return self.results
+
+    def _intervals(
+        self,
+        study: RobustnessEvaluation,
+        cal_probs: Mapping[str, np.ndarray],
+        cal_y: np.ndarray,
+        test_y: np.ndarray,
+    ) -> None:
+        """Subject-level bootstrap intervals of the clean headline metrics and paired differences between models
+        (``engines.classification_intervals``); the bounds join each model's metrics as ``<metric>_ci_low`` /
+        ``_ci_high``, the differences go to ``intervals.json`` and the parent MLflow run."""
+        if self.n_boot <= 0:
+            return
+        clusters = item_clusters(self.test_items, slice_ids(self.test_items))
+        strata = np.zeros(int(clusters.max()) + 1, dtype=np.int64)
+        np.maximum.at(strata, clusters, test_y)  # a subject's stratum: its most specific (largest) class
+        per_model = {}
+        for name in self.models:
+            sets = {}
+            for score in self.scores:
+                for a in self.alphas:
+                    _, sets[f"conformal/{score}/{alpha_tag(a)}/coverage"] = _threshold_and_sets(
+                        cal_probs[name],
+                        cal_y,
+                        study.probabilities[(name, CLEAN, 0)],
+                        a,
+                        score,
+                        self.score_kwargs.get(score, {}),
+                    )
+            per_model[name] = ClassificationStatistics(
+                study.probabilities[(name, CLEAN, 0)], test_y, clusters, sets
+            )
+        intervals, differences = classification_intervals(
+            per_model, strata.tolist(), self.n_boot, self.ci_level, self.seed
+        )
+        for name, metrics in intervals.items():
+            for metric, iv in metrics.items():
+                self.results[name]["metrics"].update(
+                    _finite({f"{metric}_ci_low": iv.low, f"{metric}_ci_high": iv.high})
+                )
+        self.differences = {
+            pair: {metric: iv.as_dict() for metric, iv in metrics.items()}
+            for pair, metrics in differences.items()
+        }
+        payload = {
+            "n_clusters": int(strata.size),
+            "n_boot": self.n_boot,
+            "level": self.ci_level,
+            "intervals": {n: {m: iv.as_dict() for m, iv in ms.items()} for n, ms in intervals.items()},
+            "differences": self.differences,
+        }
+        atomic_write_text(self.output_dir / "intervals.json", json.dumps(payload, indent=2) + "\n")
 
     def _attention_figures(self, raw: torch.Tensor, labels: np.ndarray, index: Sequence[int]) -> list[Path]:
         """The learnt attention maps of models that have one (:class:`networks.AttentionCNN`)."""
@@ -574,8 +635,14 @@ class ClassifierEvaluation:
         """``summary.md``/``summary.json``: one line per model, clean vs corrupted (the docs' comparison table)."""
         cols = [
             "accuracy",
+            "accuracy_ci_low",
+            "accuracy_ci_high",
             "macro_f1",
+            "macro_f1_ci_low",
+            "macro_f1_ci_high",
             "auroc",
+            "auroc_ci_low",
+            "auroc_ci_high",
             "ece",
             "corrupted/accuracy",
             "corrupted_worst/accuracy",
@@ -607,10 +674,24 @@ class ClassifierEvaluation:
             hparams=t.get("hparams", {}),
             tags={"classification_task": t.get("task_label", "")},
             parent_params={"models": ",".join(self.models)},
+            parent_metrics={
+                f"diff/{pair}/{metric}{suffix}": iv[key]
+                for pair, metrics in self.differences.items()
+                for metric, iv in metrics.items()
+                for suffix, key in (("", "point"), ("_ci_low", "low"), ("_ci_high", "high"))
+                if math.isfinite(iv[key])
+            },
             parent_artifacts=[
                 *[
                     (self.output_dir / f, None)
-                    for f in ("robustness.csv", "robustness.md", "summary.md", "summary.json")
+                    for f in (
+                        "robustness.csv",
+                        "robustness.md",
+                        "summary.md",
+                        "summary.json",
+                        "intervals.json",
+                    )
+                    if (self.output_dir / f).is_file()
                 ],
                 *[(png, "plots") for png in sorted(self.output_dir.glob("robustness_*.png"))],
             ],

@@ -85,6 +85,17 @@ def test_evaluate_scores_maps_and_baseline(trained: Path, demo_cohort: Path) -> 
     assert run.data.metrics["intensity_baseline/pixel_auprc"] == pytest.approx(
         res["intensity_baseline"]["pixel_auprc"]
     )
+    # subject-level bootstrap: every method's interval brackets its point (the binned pixel AP within 0.01), and
+    # the paired differences against the baseline and between the two t reach metrics.json's neighbour and MLflow
+    for name, r in res.items():
+        for k in ("pixel_auprc", "slice_auroc", "dice_fpr5"):
+            assert r[f"{k}_ci_low"] - 0.01 <= r[k] <= r[f"{k}_ci_high"] + 0.01, (name, k)
+        assert run.data.metrics[f"{name}/pixel_auprc_ci_high"] == pytest.approx(r["pixel_auprc_ci_high"])
+    diff = json.loads((trained / "eval" / "differences.json").read_text())
+    assert set(diff) == {"t60-intensity_baseline", "t200-intensity_baseline", "t60-t200"}
+    d = diff["t200-intensity_baseline"]["pixel_auprc"]
+    assert d["low"] <= d["high"] and d["n_boot"] + d["n_undefined"] == 1000
+    assert run.data.metrics["diff/t200-intensity_baseline/pixel_auprc_ci_low"] == pytest.approx(d["low"])
 
 
 def test_inference_nifti_non_ras_and_dicom_keep_the_input_grid(trained: Path, demo_cohort: Path) -> None:

@@ -108,7 +108,7 @@ def test_every_model_trains_binary(binary: Path, demo_cohort: Path) -> None:
     check_every_model_trained(binary, "binary", 2, demo_cohort)
 
 
-def test_evaluation_tables_conformal_and_mlflow(binary: Path) -> None:
+def test_evaluation_tables_conformal_and_mlflow(binary: Path, demo_cohort: Path) -> None:
     ev = binary / "eval"
     rows = (ev / "robustness.csv").read_text().splitlines()
     header = rows[0].split(",")
@@ -165,6 +165,24 @@ def test_evaluation_tables_conformal_and_mlflow(binary: Path) -> None:
         assert k in common, k
     child = next(r for r in children if r.data.tags["model"] == "cnn")
     assert any(a.path.endswith(".png") for a in client.list_artifacts(child.info.run_id))
+    # subject-level bootstrap intervals of the clean metrics, and paired differences between every pair of models
+    intervals = json.loads((ev / "intervals.json").read_text())
+    test = json.loads((demo_cohort / "datalists" / "classification_binary.json").read_text())["test"]
+    # slices are grouped by subject: fewer clusters than evaluated slices, no more than the test split's subjects
+    n_test = children[0].data.metrics["n_test"]
+    assert intervals["n_boot"] == 1000 and 2 <= intervals["n_clusters"] <= len({i["subject"] for i in test})
+    assert intervals["n_clusters"] < n_test
+    for r in children:
+        m = r.data.metrics
+        for k in ("accuracy", "macro_f1", "conformal/lac/alpha0.1/coverage"):
+            assert m[f"{k}_ci_low"] <= m[k] + 1e-12 and m[k] <= m[f"{k}_ci_high"] + 1e-12, (
+                r.data.tags["model"],
+                k,
+            )
+    n = len(EVALUATED)
+    assert len(intervals["differences"]) == n * (n - 1) // 2
+    pair = next(iter(intervals["differences"]))
+    assert f"diff/{pair}/accuracy_ci_low" in parent[0].data.metrics
 
 
 def test_shap_maps_of_the_trained_image_models_have_the_input_shape(binary: Path, demo_cohort: Path) -> None:
