@@ -32,7 +32,31 @@ from engines.bootstrap import (
     weighted_ratio,
 )
 
-__all__ = ["ClassificationStatistics", "classification_intervals", "item_clusters"]
+__all__ = [
+    "ClassificationStatistics",
+    "MultilabelStatistics",
+    "classification_intervals",
+    "cluster_index",
+    "item_clusters",
+]
+
+
+def cluster_index(keys: Sequence[Any]) -> np.ndarray:
+    """Cluster indices of per-item keys (subjects), numbered in order of first appearance; a ``None`` or empty
+    key makes the item its own cluster.
+
+    Args:
+        keys: one key per item.
+
+    Returns:
+        ``(n,)`` int64 indices.
+    """
+    index: dict[str, int] = {}
+    out = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):
+        name = f"item:{i}" if key in (None, "") else f"key:{key}"
+        out[i] = index.setdefault(name, len(index))
+    return out
 
 
 def item_clusters(
@@ -148,12 +172,84 @@ class ClassificationStatistics:
         return out
 
 
+class MultilabelStatistics:
+    """Multi-label metrics of one model as functions of cluster multiplicities: ``mean_auroc``, ``mean_auprc`` and
+    ``auroc/<finding>``, with the definitions of :func:`engines.probe.multilabel_metrics` (masked ``-1`` entries
+    left out, the means over the findings defined in the drawn studies).
+
+    Args:
+        probs: probabilities ``(n, L)``.
+        labels: findings ``(n, L)`` in ``{1, 0, -1}``.
+        clusters: cluster index per study (``0..C-1``).
+        findings: the ``L`` names.
+        max_bins: see :class:`engines.bootstrap.RankingHistograms`.
+
+    Raises:
+        ValueError: shapes that do not match.
+    """
+
+    def __init__(
+        self, probs: Any, labels: Any, clusters: Any, findings: Sequence[str], max_bins: int | None = 2048
+    ) -> None:
+        p = np.asarray(probs, dtype=np.float64)
+        y = np.asarray(labels, dtype=np.float64)
+        c = np.asarray(clusters).astype(np.int64).ravel()
+        if p.ndim != 2 or p.shape != y.shape or c.size != p.shape[0] or len(findings) != p.shape[1]:
+            raise ValueError(
+                f"probs {p.shape}, labels {y.shape}, clusters ({c.size},) and {len(findings)} findings do not match"
+            )
+        self.n_clusters = int(c.max()) + 1 if c.size else 0
+        self.findings = list(findings)
+        members = [np.flatnonzero(c == j) for j in range(self.n_clusters)]
+        self.hist = []
+        for f in range(p.shape[1]):
+            kept = [m[y[m, f] != -1] for m in members]
+            self.hist.append(
+                RankingHistograms([p[k, f] for k in kept], [y[k, f] == 1 for k in kept], max_bins=max_bins)
+            )
+
+    def _per_finding(self, m: np.ndarray, what: str) -> np.ndarray:
+        w = np.atleast_2d(np.asarray(m, dtype=np.float64))
+        # AUPRC needs negatives too (multilabel_metrics: NaN without both classes); the AUROC is NaN then anyway
+        au = np.stack([h.auroc(w) for h in self.hist], axis=1)
+        if what == "auroc":
+            return au
+        ap = np.stack([h.average_precision(w) for h in self.hist], axis=1)
+        return np.where(np.isfinite(au), ap, np.nan)
+
+    def _mean(self, what: str) -> Statistic:
+        def stat(m: np.ndarray) -> np.ndarray:
+            v = self._per_finding(m, what)
+            defined = np.isfinite(v)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out = np.where(
+                    defined.any(axis=1), np.where(defined, v, 0).sum(axis=1) / defined.sum(axis=1), np.nan
+                )
+            return out[0] if np.ndim(m) == 1 else out
+
+        return stat
+
+    def _finding(self, f: int) -> Statistic:
+        def stat(m: np.ndarray) -> np.ndarray:
+            return self.hist[f].auroc(m)
+
+        return stat
+
+    def statistics(self) -> dict[str, Statistic]:
+        """``{metric: statistic}`` for ``mean_auroc``, ``mean_auprc`` and ``auroc/<finding>``."""
+        out: dict[str, Statistic] = {"mean_auroc": self._mean("auroc"), "mean_auprc": self._mean("auprc")}
+        for f, name in enumerate(self.findings):
+            out[f"auroc/{name}"] = self._finding(f)
+        return out
+
+
 def classification_intervals(
-    models: Mapping[str, ClassificationStatistics],
+    models: Mapping[str, ClassificationStatistics | MultilabelStatistics],
     strata: Sequence[Any] | None = None,
     n_boot: int = DEFAULT_N_BOOT,
     level: float = 0.95,
     seed: int = 0,
+    pairs: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, dict[str, Interval]], dict[str, dict[str, Interval]]]:
     """Intervals of every model's metrics and paired differences of every pair, on one draw of clusters.
 
@@ -163,9 +259,10 @@ def classification_intervals(
         n_boot: replicates.
         level: coverage.
         seed: seed of the draws.
+        pairs: the ``(a, b)`` differences to report; default every pair in order.
 
     Returns:
-        ``({model: {metric: Interval}}, {"<a>-<b>": {metric: Interval of a - b}})`` for every pair in order.
+        ``({model: {metric: Interval}}, {"<a>-<b>": {metric: Interval of a - b}})``.
 
     Raises:
         ValueError: no model, or models over different numbers of clusters.
@@ -182,13 +279,17 @@ def classification_intervals(
         for name, st in stats.items()
     }
     names = list(models)
+    if pairs is None:
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+    unknown = sorted({x for pair in pairs for x in pair} - set(names))
+    if unknown:
+        raise ValueError(f"pairs name models that were not given: {unknown}")
     differences = {
         f"{a}-{b}": {
             metric: paired_difference(stats[a][metric], stats[b][metric], draws, level)
             for metric in stats[a]
             if metric in stats[b]
         }
-        for i, a in enumerate(names)
-        for b in names[i + 1 :]
+        for a, b in pairs
     }
     return intervals, differences

@@ -187,12 +187,12 @@ def study_embeddings(
 
     Returns:
         ``{"features": (n, D) float32 CPU tensor, "labels": (n, L) or None, "studies": [ids],
-        "probs": (n, L) or absent}``.
+        "subjects": [the batches' ``subject`` or None], "probs": (n, L) or absent}``.
     """
     modes = [(m, m.training) for m in (encoder, classifier) if m is not None]
     for m, _ in modes:
         m.eval()
-    feats, labels, probs, studies = [], [], [], []
+    feats, labels, probs, studies, subjects = [], [], [], [], []
     try:
         for batch in loader:
             views = batch["views"].to(device)
@@ -203,6 +203,8 @@ def study_embeddings(
             if "labels" in batch:
                 labels.append(torch.as_tensor(batch["labels"]).float().cpu())
             studies.extend(batch.get("study", [None] * views.shape[0]))
+            # kept in memory only, to group a subject's studies in the bootstrap; never written
+            subjects.extend(batch.get("subject", [None] * views.shape[0]))
     finally:
         for m, mode in modes:
             m.train(mode)
@@ -210,6 +212,7 @@ def study_embeddings(
         "features": torch.cat(feats),
         "labels": torch.cat(labels) if labels else None,
         "studies": studies,
+        "subjects": subjects,
     }
     if classifier is not None:
         out["probs"] = torch.cat(probs)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from data_prep.atomic import atomic_path, atomic_write_text
+from engines.bootstrap import DEFAULT_N_BOOT
+from engines.classification_intervals import MultilabelStatistics, classification_intervals, cluster_index
 from engines.probe import multilabel_metrics
 from engines.study import (
     probe_evaluation,
@@ -73,6 +75,10 @@ class StudyEvaluation:
         steps: diffusion reconstruction steps of the figures.
         tracking: ``make_mlflow_handler``-like keys (``run_name``, ``method``, ``datalist``, ``dataset_name``,
             ``workdir``, ``hparams``), or None for no MLflow.
+        n_boot: replicates of the subject-level bootstrap (studies grouped by their ``subject``; 0: none). Every
+            metric gets ``<metric>_ci_low`` / ``_ci_high``; ``intervals.json`` and the parent run's
+            ``diff/<scheme>/<protocol>-<scheme>/<protocol>/<metric>`` hold the paired differences.
+        ci_level: their coverage.
 
     Raises:
         ValueError: unknown protocol or scheme.
@@ -97,6 +103,8 @@ class StudyEvaluation:
         figure_studies: int = 2,
         steps: int = 20,
         tracking: Mapping[str, Any] | None = None,
+        n_boot: int = DEFAULT_N_BOOT,
+        ci_level: float = 0.95,
     ) -> None:
         bad = set(protocols) - {"probe", "finetune"}
         if bad:
@@ -122,16 +130,71 @@ class StudyEvaluation:
         self.figure_studies, self.steps, self.seed = int(figure_studies), int(steps), int(seed)
         self.tracking = tracking
         self.results: dict[str, dict[str, dict[str, float]]] = {}
+        self.n_boot, self.ci_level = int(n_boot), float(ci_level)
+        self._scored: dict[str, tuple[np.ndarray, np.ndarray, list[Any], list[Any]]] = {}
+        self.differences: dict[str, dict[str, dict[str, float]]] = {}
 
-    def _probe(self, encoder: nn.Module) -> dict[str, float]:
+    def _probe(self, encoder: nn.Module, key: str) -> dict[str, float]:
         train = study_embeddings(encoder, self.train_loader, self.device)
         test = study_embeddings(encoder, self.test_loader, self.device)
-        metrics, _, _ = probe_evaluation(train, test, self.findings, **self.probe_kwargs)
+        metrics, probs, _ = probe_evaluation(train, test, self.findings, **self.probe_kwargs)
+        self._scored[key] = (np.asarray(probs), np.asarray(test["labels"]), test["subjects"], test["studies"])
         return metrics
 
-    def _finetune(self, classifier: nn.Module) -> dict[str, float]:
+    def _finetune(self, classifier: nn.Module, key: str) -> dict[str, float]:
         out = study_embeddings(classifier.encoder, self.test_loader, self.device, classifier=classifier)
+        self._scored[key] = (
+            np.asarray(out["probs"]),
+            np.asarray(out["labels"]),
+            out["subjects"],
+            out["studies"],
+        )
         return multilabel_metrics(out["probs"], out["labels"], self.findings)
+
+    def _intervals(self) -> None:
+        """Subject-level bootstrap intervals of every (scheme, protocol)'s metrics, and the paired differences
+        that answer the study's questions: each scheme's probe against the untrained encoder's, fine-tuning
+        against the probe of the same scheme, and the two schemes against each other."""
+        if self.n_boot <= 0 or not self._scored:
+            return
+        first = next(iter(self._scored.values()))
+        if any(v[3] != first[3] for v in self._scored.values()):
+            raise RuntimeError("the test loader gave the studies in a different order for different models")
+        clusters = cluster_index(first[2])
+        models = {
+            key: MultilabelStatistics(probs, labels, clusters, self.findings)
+            for key, (probs, labels, _, _) in self._scored.items()
+        }
+        keys = list(models)
+        pairs = [(k, "random_init/probe") for k in keys if k.endswith("/probe") and k != "random_init/probe"]
+        pairs += [(f"{s}/finetune", f"{s}/probe") for s in self.schemes if f"{s}/finetune" in models]
+        if len(self.schemes) == 2:
+            a, b = self.schemes
+            pairs += [
+                (f"{a}/{p}", f"{b}/{p}")
+                for p in self.protocols
+                if f"{a}/{p}" in models and f"{b}/{p}" in models
+            ]
+        pairs = [(a, b) for a, b in pairs if a in models and b in models]
+        intervals, differences = classification_intervals(
+            models, None, self.n_boot, self.ci_level, self.seed, pairs
+        )
+        for key, metrics in intervals.items():
+            scheme, protocol = key.split("/")
+            for metric, iv in metrics.items():
+                self.results[scheme][protocol][f"{metric}_ci_low"] = iv.low
+                self.results[scheme][protocol][f"{metric}_ci_high"] = iv.high
+        self.differences = {
+            pair: {metric: iv.as_dict() for metric, iv in metrics.items()}
+            for pair, metrics in differences.items()
+        }
+        payload = {
+            "n_clusters": int(clusters.max()) + 1,
+            "n_boot": self.n_boot,
+            "level": self.ci_level,
+            "differences": self.differences,
+        }
+        atomic_write_text(self.output_dir / "intervals.json", json.dumps(payload, indent=2) + "\n")
 
     def run(self) -> dict[str, dict[str, dict[str, float]]]:
         """Evaluate, write the tables and figures, log to MLflow.
@@ -146,10 +209,12 @@ class StudyEvaluation:
             models[scheme] = model
             res: dict[str, dict[str, float]] = {}
             if "probe" in self.protocols:
-                res["probe"] = self._probe(model.encoder)
+                res["probe"] = self._probe(model.encoder, f"{scheme}/probe")
             if "finetune" in self.protocols:
                 assert self.load_classifier is not None
-                res["finetune"] = self._finetune(self.load_classifier(scheme).to(self.device).eval())
+                res["finetune"] = self._finetune(
+                    self.load_classifier(scheme).to(self.device).eval(), f"{scheme}/finetune"
+                )
             self.results[scheme] = res
             logger.info(
                 "%s: %s",
@@ -157,7 +222,10 @@ class StudyEvaluation:
                 ", ".join(f"{p} mean AUROC {m['mean_auroc']:.4f}" for p, m in res.items()),
             )
         if self.make_encoder is not None and "probe" in self.protocols:
-            self.results["random_init"] = {"probe": self._probe(self.make_encoder().to(self.device).eval())}
+            self.results["random_init"] = {
+                "probe": self._probe(self.make_encoder().to(self.device).eval(), "random_init/probe")
+            }
+        self._intervals()
         figures = self._figures(models)
         self._write_tables()
         if self.tracking is not None:
@@ -224,7 +292,8 @@ class StudyEvaluation:
         atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         cols = ["mean AUROC", "mean AUPRC", *self.findings]
         lines = [
-            "Test split; per-finding columns are AUROC (— = the finding has no positive or no negative test study).",
+            "Test split; per-finding columns are AUROC (— = the finding has no positive or no negative test study);"
+            " [low, high]: subject-level bootstrap 95 % interval.",
             "",
             "| scheme | protocol | " + " | ".join(cols) + " |",
             "|---" * (len(cols) + 2) + "|",
@@ -235,8 +304,13 @@ class StudyEvaluation:
 
         for s, res in self.results.items():
             for p, m in res.items():
-                vals = [m["mean_auroc"], m["mean_auprc"], *(m[f"auroc/{f}"] for f in self.findings)]
-                lines.append(f"| {s} | {p} | " + " | ".join(fmt(v) for v in vals) + " |")
+                cells = [
+                    fmt(m[k])
+                    + (f" [{fmt(m[k + '_ci_low'])}, {fmt(m[k + '_ci_high'])}]" if k + "_ci_low" in m else "")
+                    for k in ("mean_auroc", "mean_auprc")
+                ]
+                cells += [fmt(m[f"auroc/{f}"]) for f in self.findings]
+                lines.append(f"| {s} | {p} | " + " | ".join(cells) + " |")
         atomic_write_text(self.output_dir / "summary.md", "\n".join(lines) + "\n")
 
     def _log_mlflow(self, figures: Sequence[Path]) -> None:
@@ -254,8 +328,19 @@ class StudyEvaluation:
             workdir=t.get("workdir", "."),
             hparams=t.get("hparams", {}),
             parent_params={"schemes": ",".join(self.schemes), "protocols": ",".join(self.protocols)},
+            parent_metrics={
+                f"diff/{pair}/{metric}{suffix}": iv[key]
+                for pair, metrics in self.differences.items()
+                for metric, iv in metrics.items()
+                for suffix, key in (("", "point"), ("_ci_low", "low"), ("_ci_high", "high"))
+                if math.isfinite(iv[key])
+            },
             parent_artifacts=[
-                *[(self.output_dir / f, None) for f in ("metrics.csv", "summary.json", "summary.md")],
+                *[
+                    (self.output_dir / f, None)
+                    for f in ("metrics.csv", "summary.json", "summary.md", "intervals.json")
+                    if (self.output_dir / f).is_file()
+                ],
                 *[(p, "figures") for p in figures],
             ],
             children=children,

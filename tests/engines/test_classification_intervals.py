@@ -76,3 +76,41 @@ def test_intervals_and_paired_differences():
         )
     with pytest.raises(ValueError, match="do not match"):
         ClassificationStatistics(probs, labels[:-1], clusters)
+
+
+def test_multilabel_statistics_reproduce_multilabel_metrics_with_masked_entries():
+    from engines.classification_intervals import MultilabelStatistics, cluster_index
+    from engines.probe import multilabel_metrics
+
+    rng = np.random.default_rng(4)
+    n, findings = 40, ["a", "b", "c"]
+    labels = (rng.random((n, 3)) < 0.4).astype(float)
+    labels[rng.random((n, 3)) < 0.2] = -1  # masked
+    labels[:, 2] = np.where(labels[:, 2] == 1, 0, labels[:, 2])  # finding c: no positive, undefined
+    probs = np.clip(0.3 * labels + rng.random((n, 3)) * 0.7, 0, 1).round(2)
+    subjects = [f"s{i // 2}" for i in range(n)]  # two studies per subject
+    clusters = cluster_index(subjects)
+    assert clusters.max() + 1 == 20 and cluster_index([None, None, "x", "x"]).tolist() == [0, 1, 2, 2]
+    st = MultilabelStatistics(probs, labels, clusters, findings).statistics()
+    ref = multilabel_metrics(probs, labels, findings)
+    for metric in ("mean_auroc", "mean_auprc", "auroc/a", "auroc/b"):
+        assert float(st[metric](np.ones(20))) == pytest.approx(ref[metric], abs=1e-12), metric
+    assert np.isnan(float(st["auroc/c"](np.ones(20))))
+    # subject 3 drawn three times and subject 8 once: multilabel_metrics on those studies
+    w = np.zeros(20)
+    w[3], w[8] = 3, 1
+    idx = np.concatenate([np.flatnonzero(clusters == j) for j in (3, 3, 3, 8)])
+    sub = multilabel_metrics(probs[idx], labels[idx], findings)
+    got = float(st["mean_auroc"](w))
+    assert (np.isnan(got) and np.isnan(sub["mean_auroc"])) or got == pytest.approx(
+        sub["mean_auroc"], abs=1e-12
+    )
+
+
+def test_only_the_requested_pairs_are_compared():
+    probs, labels, clusters = _case(2, seed=6)
+    models = {k: ClassificationStatistics(probs, labels, clusters) for k in ("x", "y", "z")}
+    _, diff = classification_intervals(models, n_boot=50, pairs=[("x", "z")])
+    assert list(diff) == ["x-z"]
+    with pytest.raises(ValueError, match="not given"):
+        classification_intervals(models, n_boot=10, pairs=[("x", "w")])

@@ -193,6 +193,17 @@ def test_evaluation_tables_use_the_test_split(tmp_path: Path) -> None:
     assert (tmp_path / "figures" / "reconstruction_0.png").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["mae"]["probe"]["mean_auroc"] == pytest.approx(res["mae"]["probe"]["mean_auroc"])
+    # bootstrap: each (scheme, protocol) brackets its point; the study's two questions are paired differences
+    for scheme, protocol in (("mae", "probe"), ("mae", "finetune"), ("random_init", "probe")):
+        m = res[scheme][protocol]
+        assert m["mean_auroc_ci_low"] <= m["mean_auroc"] <= m["mean_auroc_ci_high"]
+    intervals = json.loads((tmp_path / "intervals.json").read_text())
+    assert set(intervals["differences"]) == {"mae/probe-random_init/probe", "mae/finetune-mae/probe"}
+    d = intervals["differences"]["mae/probe-random_init/probe"]["mean_auroc"]
+    assert d["point"] == pytest.approx(
+        res["mae"]["probe"]["mean_auroc"] - res["random_init"]["probe"]["mean_auroc"]
+    )
+    assert "[" in (tmp_path / "summary.md").read_text()
     with pytest.raises(ValueError, match="unknown protocols"):
         StudyEvaluation(["mae"], None, None, None, [], [], FINDINGS, tmp_path, protocols=["zero_shot"])
     with pytest.raises(ValueError, match="schemes must be"):
