@@ -15,6 +15,10 @@ methods' metrics and the plots:
 * representation learning (``representation-learning``): linear probe and fine-tuning per pretraining
   scheme; probe mean AUROC against the pretraining epoch (the pretraining runs' metric history).
 
+Where an evaluation logged subject-level bootstrap bounds (``<metric>_ci_low``/``_ci_high``) a cell shows
+``point [low, high]``, and its paired differences (``diff/<a>-<b>/<metric>``) follow the table as sentences
+saying which the test set resolves (``scripts/report_intervals.py``).
+
 The report is ``<out>/report.md`` and ``<out>/report.html`` (same content) with PNGs in ``<out>/report/``.
 """
 
@@ -43,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 from data_prep.atomic import atomic_path, atomic_write_text  # noqa: E402
 from engines.tracking import EXPERIMENTS  # noqa: E402
+from scripts.report_intervals import difference_sentence, differences, interval_cell  # noqa: E402
 
 __all__ = ["Report", "build_report", "latest_runs", "main"]
 
@@ -67,6 +72,8 @@ CLASSIFICATION_COLUMNS: dict[str, str] = {
     "corrupted_worst/accuracy": "accuracy, corrupted (worst)",
 }
 BASELINE = "intensity_baseline"
+#: columns shown as "point [low, high]" where the evaluation logged bootstrap bounds
+INTERVAL_COLUMNS = {"pixel_auprc", "pixel_auroc", "dice_fpr5", "slice_auroc", "accuracy", "macro_f1", "auroc"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,14 +272,21 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
     if not runs:
         rep.text("No finished anomaly evaluation in the store.")
         return []
-    rows, curves, candidates = [], {}, []
+    rows, curves, candidates, sentences = [], {}, [], []
     for run in runs:
         method = run.data.tags.get("method", run.info.run_name)
         m = run.data.metrics
         headline = run.data.params.get("headline") or run.data.params.get("headline_t")
         # settings are the prefixes of "<setting>/<kind>/pixel_auprc"; "<kind>/pixel_auprc" (the headline's
         # per-kind copies) has one slash like "<setting>/pixel_auprc" and must not become a row
-        settings = sorted({k.split("/")[0] for k in m if k.count("/") == 2 and k.endswith("/pixel_auprc")})
+        # ("diff/<a>-<b>/pixel_auprc" is a paired difference, not a setting)
+        settings = sorted(
+            {
+                k.split("/")[0]
+                for k in m
+                if k.count("/") == 2 and k.endswith("/pixel_auprc") and not k.startswith("diff/")
+            }
+        )
         settings = [s for s in settings if s != BASELINE] + ([BASELINE] if BASELINE in settings else [])
         for s in settings:
             is_head = headline is not None and s in (headline, f"t{headline}")
@@ -283,11 +297,18 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
                     *(
                         _count(m.get(f"{s}/{c}", math.nan))
                         if c.startswith("n_")
+                        else interval_cell(m, f"{s}/{c}")
+                        if c in INTERVAL_COLUMNS
                         else m.get(f"{s}/{c}", math.nan)
                         for c in ANOMALY_COLUMNS
                     ),
                 ]
             )
+        for metric in ("pixel_auprc", "dice_fpr5"):
+            sentences += [
+                f"{method}: " + difference_sentence(d, ANOMALY_COLUMNS[metric])
+                for d in differences(m, metric)
+            ]
         if "pixel_auprc" in m:
             candidates.append(Candidate("anomaly", run, "pixel_auprc", m["pixel_auprc"], model=method))
         for s, c in (read_json_artifact(client, run.info.run_id, "curves.json") or {}).items():
@@ -300,6 +321,7 @@ def anomaly_section(client: Any, rep: Report, fig_dir: Path) -> list[Candidate]:
         "validation volumes only; the oracle Dice picks its threshold on the test set itself."
     )
     rep.table(["bundle", "setting", *ANOMALY_COLUMNS.values()], rows)
+    _differences_text(rep, sentences)
     if curves:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.4))
         for label, c in curves.items():
@@ -350,17 +372,52 @@ def classification_section(client: Any, rep: Report, fig_dir: Path) -> list[Cand
                 else "—"
                 for sa in conformal
             ]
-            rows.append([model, *(m.get(k, math.nan) for k in CLASSIFICATION_COLUMNS), *cells])
+            rows.append(
+                [
+                    model,
+                    *(
+                        interval_cell(m, k) if k in INTERVAL_COLUMNS else m.get(k, math.nan)
+                        for k in CLASSIFICATION_COLUMNS
+                    ),
+                    *cells,
+                ]
+            )
             if "accuracy" in c.data.metrics:
                 candidates.append(Candidate("classification", c, "accuracy", m["accuracy"], parent, model))
         rep.table(
             ["model", *CLASSIFICATION_COLUMNS.values(), *(f"{sa} coverage / set size" for sa in conformal)],
             rows,
         )
+        # the best model by accuracy against every other (the parent run holds every pair's paired difference)
+        best = max(
+            (c for c in children if "accuracy" in c.data.metrics),
+            key=lambda c: c.data.metrics["accuracy"],
+            default=None,
+        )
+        if best is not None:
+            name = best.data.tags.get("model", best.info.run_name)
+            sentences = []
+            for metric in ("accuracy", "macro_f1"):
+                for d in differences(parent.data.metrics, metric):
+                    if name in (d.a, d.b):
+                        sentences.append(difference_sentence(d, CLASSIFICATION_COLUMNS[metric]))
+            _differences_text(rep, sentences, f"best model by accuracy: {name}")
         png = robustness_plot(children, fig_dir / f"classification_robustness_{task or 'task'}.png")
         if png is not None:
             rep.image(png, "accuracy against corruption severity")
     return candidates
+
+
+def _differences_text(rep: Report, sentences: Sequence[str], lead: str = "") -> None:
+    """A paragraph of paired-difference sentences (subject-level bootstrap, 95 %), when there are any."""
+    if not sentences:
+        return
+    intro = (
+        "Paired differences (subject-level bootstrap, 95 % interval; resolved = the interval excludes 0)"
+        + (f", {lead}" if lead else "")
+        + ":"
+    )
+    rep.text("\n".join([intro, "", *(f"- {x}" for x in sentences)]))
 
 
 def robustness_plot(children: Sequence[Any], path: Path) -> Path | None:
@@ -414,7 +471,9 @@ def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[Cand
             for p in protocols:
                 m = c.data.metrics
                 if f"{p}_mean_auroc" in m:
-                    rows.append([scheme, p, m[f"{p}_mean_auroc"], m.get(f"{p}_mean_auprc", math.nan)])
+                    rows.append(
+                        [scheme, p, interval_cell(m, f"{p}_mean_auroc"), interval_cell(m, f"{p}_mean_auprc")]
+                    )
             if "finetune_mean_auroc" in c.data.metrics:
                 candidates.append(
                     Candidate(
@@ -427,6 +486,10 @@ def representation_section(client: Any, rep: Report, fig_dir: Path) -> list[Cand
                     )
                 )
         rep.table(["scheme", "protocol", "mean AUROC", "mean AUPRC"], rows)
+        _differences_text(
+            rep,
+            [difference_sentence(d, "mean AUROC") for d in differences(parent.data.metrics, "mean_auroc")],
+        )
     # the probe during pretraining: metric history of the pretraining runs (step = epoch)
     lines = {}
     for run in latest_runs(client, exp):

@@ -60,6 +60,11 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
             "intensity_baseline/glioma/pixel_auprc": 0.7,
             "glioma/pixel_auprc": 0.9,  # the headline's per-kind copy
             "pixel_auprc": 0.0123,
+            "t250/pixel_auprc_ci_low": 0.0081,  # bootstrap bounds and a paired difference (not a row)
+            "t250/pixel_auprc_ci_high": 0.0177,
+            "diff/t250-intensity_baseline/pixel_auprc": 0.0109,
+            "diff/t250-intensity_baseline/pixel_auprc_ci_low": 0.0062,
+            "diff/t250-intensity_baseline/pixel_auprc_ci_high": 0.0161,
         },
         {"method": "anoddpm_simplex"},
         {"headline_t": "250", "checkpoint": str(tmp_path / "models" / "model.pt")},
@@ -159,7 +164,11 @@ def test_report_tables_come_from_the_store(store: str, tmp_path: Path) -> None:
     md_path = build_report(store, tmp_path / "out", preamble=pre, steps=steps, total_seconds=600)
     md = md_path.read_text()
     # anomaly: the latest evaluation's values, per setting, the baseline last; the headline marked
-    assert "| anoddpm_simplex | t250 (headline) | 0.0123 | 0.812 |" in md, md
+    assert "| anoddpm_simplex | t250 (headline) | 0.0123 [0.0081, 0.0177] | 0.812 |" in md, md
+    assert (
+        "- anoddpm_simplex: t250 vs intensity_baseline, pixel AUPRC: +0.011 [+0.006, +0.016], resolved: t250 is "
+        "better than intensity_baseline."
+    ) in md, md
     assert "| anoddpm_simplex | t100 | 0.0456 |" in md, md
     assert "| anoddpm_simplex | intensity_baseline | 0.0014 |" in md, md
     assert "0.500" not in md  # the older run
@@ -186,7 +195,7 @@ def test_report_tables_come_from_the_store(store: str, tmp_path: Path) -> None:
     for f in figs:
         assert (md_path.parent / f).stat().st_size > 5000
     html = (md_path.parent / "report.html").read_text()
-    assert "<td>0.0123</td>" in html and "<td>0.876</td>" in html
+    assert "<td>0.0123 [0.0081, 0.0177]</td>" in html and "<td>0.876</td>" in html
     assert 'src="report/anomaly_roc_pr.png"' in html
 
 
